@@ -1,0 +1,3 @@
+"""Introspection-caching reverse proxy for Authlete."""
+
+__version__ = "0.1.0"

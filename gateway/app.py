@@ -1,0 +1,247 @@
+"""The whole request pipeline, top to bottom, and the two listeners that serve it.
+
+routing -> bearer -> verdicts (cache -> introspection) -> decision -> proxy
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
+
+from gateway import bearer
+from gateway.config import Config, Route
+from gateway.decision import (
+    BAD_GATEWAY,
+    GATEWAY_TIMEOUT,
+    NOT_FOUND,
+    SERVICE_UNAVAILABLE,
+    Decider,
+    Denial,
+    denial,
+)
+from gateway.introspection import Active, IntrospectionError, Introspector, Verdict
+from gateway.metrics import NO_ROUTE, Metrics
+from gateway.proxy import HeaderPolicy, UpstreamError, forward
+from gateway.routing import PathError, Router, parse_target
+from gateway.verdicts import Verdicts
+
+log = logging.getLogger("gateway")
+
+_NO_STORE = "no-store"
+
+
+class Gateway:
+    """One gateway process: the proxy listener, the admin listener and their shared state."""
+
+    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.router = Router(cfg.routes)
+        self.decider = Decider(cfg.realm)
+        self.header_policy = HeaderPolicy(cfg.headers)
+        self._timeouts = {
+            r.name: aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout)
+            for r in cfg.routes
+        }
+        self.ready = False
+        self._runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._authlete_session: aiohttp.ClientSession | None = None
+        self._upstream_session: aiohttp.ClientSession | None = None
+        self._introspector: Introspector | None = None
+        self._verdicts: Verdicts | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        cfg = self.cfg
+        self._authlete_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        self._upstream_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+        )
+        self._introspector = Introspector(cfg.authlete, self._authlete_session)
+        self._verdicts = Verdicts(cfg.cache, self._introspect, self.metrics)
+        verdicts = self._verdicts
+        self.metrics.watch_cache(lambda: len(verdicts.cache), lambda: verdicts.cache.evictions)
+
+        server = web.Server(self.handle, handler_cancellation=True, access_log=None)
+        self.metrics.open_connections.set_function(lambda: len(server.connections))
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=cfg.shutdown_timeout
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, cfg.listen.host, cfg.listen.port, backlog=1024).start()
+        self.proxy_port = _bound_port(self._runner)
+
+        admin = web.Application()
+        admin.router.add_get("/healthz", self._healthz)
+        admin.router.add_get("/readyz", self._readyz)
+        admin.router.add_get("/metrics", self._metrics)
+        self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+        await self._admin_runner.setup()
+        await web.TCPSite(self._admin_runner, cfg.admin_listen.host, cfg.admin_listen.port).start()
+        self.admin_port = _bound_port(self._admin_runner)
+        self.ready = True
+        log.info(
+            "listening: proxy %s:%d, admin %s:%d, %d routes",
+            cfg.listen.host,
+            self.proxy_port,
+            cfg.admin_listen.host,
+            self.admin_port,
+            len(cfg.routes),
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close everything."""
+        self.ready = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        for session in (self._upstream_session, self._authlete_session):
+            if session is not None:
+                await session.close()
+
+    @property
+    def verdicts(self) -> Verdicts:
+        assert self._verdicts is not None, "Gateway.start() first"
+        return self._verdicts
+
+    # ------------------------------------------------------------------ the request path
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        method = request.method
+        try:
+            target = parse_target(request.raw_path)
+        except PathError as exc:
+            bad_path = denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
+            return self._deny(NO_ROUTE, method, bad_path, started)
+        route = self.router.match(method, target.path)
+        if route is None:
+            return self._deny(NO_ROUTE, method, NOT_FOUND, started)
+
+        identity: Active | None = None
+        if route.auth_required:
+            token = bearer.extract(
+                request.headers.getall("Authorization", ()), self.cfg.max_token_bytes
+            )
+            if isinstance(token, bearer.NoToken):
+                return self._deny(route.name, method, self.decider.no_token(token), started)
+            try:
+                verdict = await self.verdicts.lookup(token)
+            except IntrospectionError as exc:
+                log.warning("no verdict for route %s: %s", route.name, exc.detail)
+                return self._deny(route.name, method, SERVICE_UNAVAILABLE, started)
+            refused = self.decider.check(verdict, route.scopes)
+            if refused is not None:
+                return self._deny(route.name, method, refused, started)
+            assert isinstance(verdict, Active)
+            identity = verdict
+
+        return await self._forward(request, route, target.forward, identity, started)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        path_and_query: str,
+        identity: Active | None,
+        started: float,
+    ) -> web.StreamResponse:
+        assert self._upstream_session is not None
+        headers = self.header_policy.upstream_headers(request, identity)
+        url = URL(route.upstream.origin + path_and_query, encoded=True)
+        try:
+            response = await forward(
+                request, self._upstream_session, url, headers, self._timeouts[route.name]
+            )
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.labels(route.name, exc.kind).inc()
+            log.warning("upstream %s for route %s: %s", route.upstream.origin, route.name, exc.kind)
+            failed = GATEWAY_TIMEOUT if exc.kind == "timeout" else BAD_GATEWAY
+            return self._deny(route.name, request.method, failed, started)
+        self._record(route.name, request.method, response.status, started)
+        return response
+
+    def _deny(self, route: str, method: str, refused: Denial, started: float) -> web.Response:
+        response = web.Response(
+            status=refused.status, body=refused.body, content_type="application/json"
+        )
+        headers = response.headers
+        headers["Cache-Control"] = _NO_STORE
+        headers["Pragma"] = "no-cache"
+        if refused.challenge is not None:
+            headers["WWW-Authenticate"] = refused.challenge
+        if refused.retry_after is not None:
+            headers["Retry-After"] = refused.retry_after
+        self._record(route, method, refused.status, started)
+        return response
+
+    def _record(self, route: str, method: str, status: int, started: float) -> None:
+        self.metrics.count_request(route, method, status)
+        self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+
+    async def _introspect(self, token: str) -> Verdict:
+        assert self._introspector is not None
+        started = time.perf_counter()
+        try:
+            verdict = await self._introspector.introspect(token)
+        except IntrospectionError as exc:
+            self.metrics.introspections.labels(exc.outcome).inc()
+            raise
+        finally:
+            self.metrics.introspection_duration.observe(time.perf_counter() - started)
+        outcome = "ok" if isinstance(verdict, Active) else verdict.action.lower()
+        self.metrics.introspections.labels(outcome).inc()
+        return verdict
+
+    # ------------------------------------------------------------------ admin listener
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    addresses = runner.addresses
+    return int(addresses[0][1]) if addresses else 0
+
+
+async def serve(cfg: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    gateway = Gateway(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        await gateway.stop()
+        raise SystemExit(f"gateway: cannot listen: {exc.strerror or exc}") from None
+    await stop.wait()
+    log.info("signal received: draining for up to %gs", cfg.shutdown_timeout)
+    await gateway.stop()
+    log.info("stopped")

@@ -1,0 +1,91 @@
+"""The verdict cache: keyed by the SHA-256 digest of the token, never the token itself.
+
+Active verdicts and UNAUTHORIZED verdicts live in separate, separately bounded stores,
+so a client spraying random tokens can only churn the small negative store and never
+evicts the entries of real users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+import cachetools
+
+from gateway.introspection import Active, Inactive, Verdict
+
+
+def token_key(token: str) -> bytes:
+    return hashlib.sha256(token.encode("ascii", "surrogateescape")).digest()
+
+
+class _CountingTTLCache(cachetools.TTLCache[bytes, Inactive]):
+    evictions = 0
+
+    def popitem(self) -> tuple[bytes, Inactive]:
+        self.evictions += 1
+        return super().popitem()
+
+
+class VerdictCache:
+    def __init__(
+        self,
+        max_entries: int,
+        negative_max_entries: int,
+        negative_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max = max_entries
+        # key -> (monotonic deadline, verdict); a plain dict keeps insertion order, so the
+        # first key is the oldest entry and eviction is O(1).
+        self._active: dict[bytes, tuple[float, Active]] = {}
+        self._negative = _CountingTTLCache(
+            maxsize=negative_max_entries, ttl=max(negative_ttl, 1e-9), timer=clock
+        )
+        self._negative_ttl = negative_ttl
+        self._clock = clock
+        self._evictions = 0
+
+    def get(self, key: bytes) -> Verdict | None:
+        entry = self._active.get(key)
+        if entry is not None:
+            if entry[0] > self._clock():
+                return entry[1]
+            del self._active[key]
+            return None
+        return self._negative.get(key)
+
+    def put_active(self, key: bytes, verdict: Active, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._negative.pop(key, None)
+        if key in self._active:
+            del self._active[key]  # re-insert at the end: it is the newest now
+        elif len(self._active) >= self._max:
+            self._evict_one()
+        self._active[key] = (self._clock() + ttl, verdict)
+
+    def put_negative(self, key: bytes, verdict: Inactive) -> None:
+        if self._negative_ttl <= 0:
+            return
+        self._active.pop(key, None)
+        self._negative[key] = verdict
+
+    def _evict_one(self) -> None:
+        # Oldest first; an expired head entry is the best victim, and in a FIFO of
+        # near-uniform TTLs the head is also the entry closest to expiry.
+        oldest = next(iter(self._active))
+        del self._active[oldest]
+        self._evictions += 1
+
+    @property
+    def evictions(self) -> int:
+        return self._evictions + self._negative.evictions
+
+    def __len__(self) -> int:
+        return len(self._active) + len(self._negative)
+
+    def clear(self) -> None:
+        self._active.clear()
+        self._negative.clear()

@@ -1,0 +1,193 @@
+"""The `gateway` command: run, check-config, demo, emulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, load_config, summary
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    handler: Any = args.handler
+    result: int = handler(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Introspection-caching reverse proxy for Authlete."
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve the proxy and admin listeners")
+    _config_option(run)
+    _loop_option(run)
+    run.set_defaults(handler=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and summarise its routes")
+    _config_option(check)
+    check.set_defaults(handler=_cmd_check)
+
+    demo = sub.add_parser(
+        "demo", help="run the gateway with the Authlete emulator and an echo upstream on loopback"
+    )
+    demo.add_argument("--config", "-c", help="demo config (default: the bundled demo.yaml)")
+    demo.add_argument("--tokens", help="emulator tokens YAML (default: the bundled demo tokens)")
+    _loop_option(demo)
+    demo.set_defaults(handler=_cmd_demo)
+
+    emu = sub.add_parser("emulator", help="run the Authlete introspection emulator alone")
+    emu.add_argument("--listen", default="127.0.0.1:18400", help="host:port (default %(default)s)")
+    emu.add_argument("--service-id", default="715948317")
+    emu.add_argument(
+        "--access-token",
+        default=os.environ.get("AUTHLETE_ACCESS_TOKEN", "emulator-access-token"),
+        help="service access token callers must present (env AUTHLETE_ACCESS_TOKEN)",
+    )
+    emu.add_argument("--tokens", help="tokens YAML file to load")
+    emu.add_argument("--latency", type=float, default=0.0, help="added seconds per call")
+    emu.add_argument("--rate", type=float, help="rate limit, calls per second (off by default)")
+    emu.add_argument("--burst", type=int, default=200, help="rate-limit burst (default 200)")
+    emu.add_argument("--reset-form", choices=("delta", "epoch"), default="delta")
+    _loop_option(emu)
+    emu.set_defaults(handler=_cmd_emulator)
+    return parser
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("GATEWAY_CONFIG"),
+        help="config file (env GATEWAY_CONFIG)",
+    )
+
+
+def _loop_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (default: uvloop when installed)",
+    )
+
+
+def _load(path: str | None) -> Config | None:
+    if not path:
+        print("config: no config file given (use --config PATH or GATEWAY_CONFIG)", file=sys.stderr)
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    print(f"{args.config}: OK")
+    for line in summary(cfg):
+        print(line)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    from gateway.app import serve
+
+    _setup_logging()
+    return _run_loop(serve(cfg), args.loop)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    if args.config:
+        path = Path(args.config)
+    else:
+        path = Path(str(resources.files("gateway") / "data" / "demo.yaml"))
+    cfg = _load(str(path))
+    if cfg is None:
+        return EXIT_CONFIG
+    tokens = args.tokens or str(resources.files("gateway") / "data" / "demo-tokens.yaml")
+    _setup_logging()
+    return _run_loop(run_demo(cfg, tokens), args.loop)
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from gateway.demo import run_emulator
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print("--listen: must be host:port", file=sys.stderr)
+        return EXIT_CONFIG
+    rate = (args.rate, args.burst) if args.rate else None
+    _setup_logging()
+    return _run_loop(
+        run_emulator(
+            host.strip("[]"),
+            int(port),
+            service_id=args.service_id,
+            access_token=args.access_token,
+            tokens=args.tokens,
+            latency=args.latency,
+            rate_limit=rate,
+            reset_form=args.reset_form,
+        ),
+        args.loop,
+    )
+
+
+def _run_loop(main: Coroutine[Any, Any, int | None], loop: str) -> int:
+    factory = None
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            if loop == "uvloop":
+                print("--loop uvloop: uvloop is not installed", file=sys.stderr)
+                main.close()
+                return EXIT_CONFIG
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            result = runner.run(main)
+    except KeyboardInterrupt:
+        return 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 1
+        raise
+    return result or 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,605 @@
+"""Configuration: parsed and validated once into frozen dataclasses.
+
+Nothing else in the package reads YAML or the environment. Every problem is
+reported as one line naming its key path, so an operator can fix a file
+without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.routing import PathError, normalise_path
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Names that cannot be used as identity headers: the proxy owns them.
+_RESERVED_HEADERS = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "content-length",
+    "content-type",
+    "cookie",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+}
+_TCHAR = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token (NQCHAR)
+_SERVICE_ID = re.compile(r"^[A-Za-z0-9._~-]+$")
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; each problem is one `key.path: message` line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    path_prefix: str
+    methods: frozenset[str] | None
+    upstream: Upstream
+    auth_required: bool
+    scopes: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthleteConfig:
+    base_url: str
+    service_id: str
+    access_token: str = field(repr=False)
+    timeout: float = 2.0
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.base_url}/api/{self.service_id}/auth/introspection"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    ttl: float = 60.0
+    negative_ttl: float = 5.0
+    max_entries: int = 100_000
+    negative_max_entries: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersConfig:
+    subject: str = "X-Auth-Subject"
+    scopes: str = "X-Auth-Scopes"
+    client_id: str = "X-Auth-Client-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Address
+    admin_listen: Address
+    realm: str
+    upstream_timeout: float
+    shutdown_timeout: float
+    max_token_bytes: int
+    authlete: AuthleteConfig
+    cache: CacheConfig
+    headers: HeadersConfig
+    routes: tuple[Route, ...]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute `${VAR}` references, and validate. Raises ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"config: cannot read {os.fspath(path)}: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"config: {os.fspath(path)} is not UTF-8 text"]) from None
+    return parse_config(text, env=os.environ if env is None else env)
+
+
+def parse_config(text: str, env: Mapping[str, str]) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError([f"config: invalid YAML{where}: {problem}"]) from None
+    if raw is None:
+        raw = {}
+    v = _Validator(env)
+    cfg = v.config(raw)
+    if v.problems or cfg is None:
+        raise ConfigError(v.problems or ["config: invalid"])
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Invalid(Exception):
+    pass
+
+
+class _Validator:
+    """Walks the raw YAML tree, recording problems instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> _Invalid:
+        self.problems.append(f"{path}: {message}")
+        return _Invalid()
+
+    # -- scalars ---------------------------------------------------------------------------
+    def subst(self, path: str, value: Any) -> Any:
+        if not isinstance(value, str) or "$" not in value:
+            return value
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            got = self.env.get(name, "")
+            if got:
+                return got
+            if default is not None:
+                return default
+            raise self.fail(path, f"environment variable {name} is not set")
+
+        return _ENV_REF.sub(repl, value)
+
+    def string(self, path: str, value: Any, *, allow_empty: bool = False) -> str:
+        value = self.subst(path, value)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(path, "must be a string")
+        text = str(value)
+        if not text and not allow_empty:
+            raise self.fail(path, "must not be empty")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            raise self.fail(path, "must not contain control characters")
+        return text
+
+    def number(
+        self, path: str, value: Any, *, minimum: float = 0.0, exclusive: bool = True
+    ) -> float:
+        value = self.subst(path, value)
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise self.fail(path, "must be a number (seconds)") from None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise self.fail(path, "must be a number (seconds)")
+        if value < minimum or (exclusive and value == minimum):
+            raise self.fail(path, f"must be {'>' if exclusive else '>='} {minimum:g}")
+        return float(value)
+
+    def integer(self, path: str, value: Any, *, minimum: int) -> int:
+        value = self.subst(path, value)
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise self.fail(path, "must be an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, "must be an integer")
+        if value < minimum:
+            raise self.fail(path, f"must be >= {minimum}")
+        return value
+
+    def mapping(self, path: str, value: Any, known: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, "must be a mapping")
+        for key in value:
+            if key not in known:
+                sub = f"{path}.{key}" if path else str(key)
+                self.problems.append(f"{sub}: unknown key")
+        return value
+
+    def guard(self, fn: Callable[[], Any], default: Any) -> Any:
+        try:
+            return fn()
+        except _Invalid:
+            return default
+
+    # -- composite -------------------------------------------------------------------------
+    def address(self, path: str, value: Any) -> Address:
+        text = self.string(path, value)
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise self.fail(path, 'must be "host:port"')
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise self.fail(path, f"invalid IPv6 address {host!r}") from None
+        elif ":" in host:
+            raise self.fail(path, 'IPv6 hosts must be written "[addr]:port"')
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise self.fail(path, f"invalid port {port_text!r}")
+        return Address(host, int(port_text))
+
+    def upstream(self, path: str, value: Any) -> Upstream:
+        text = self.string(path, value)
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise self.fail(path, "not an http(s) URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(path, "not an http(s) URL")
+        if parts.username is not None or parts.password is not None:
+            raise self.fail(path, "must not contain credentials")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise self.fail(path, "must be an origin (scheme://host[:port]) without path or query")
+        default_port = 443 if parts.scheme == "https" else 80
+        return Upstream(parts.scheme, parts.hostname, port or default_port)
+
+    def config(self, raw: Any) -> Config | None:
+        top = self.guard(
+            lambda: self.mapping(
+                "",
+                raw,
+                {
+                    "listen",
+                    "admin_listen",
+                    "realm",
+                    "upstream_timeout",
+                    "shutdown_timeout",
+                    "max_token_bytes",
+                    "authlete",
+                    "cache",
+                    "headers",
+                    "routes",
+                },
+            ),
+            None,
+        )
+        if top is None:
+            self.problems[-1] = "config: must be a mapping of settings"
+            return None
+        g = self.guard
+        listen = g(lambda: self.address("listen", top.get("listen", "0.0.0.0:8080")), None)
+        admin = g(
+            lambda: self.address("admin_listen", top.get("admin_listen", "127.0.0.1:9090")), None
+        )
+        realm = g(lambda: self.realm(top.get("realm", "gateway")), None)
+        upstream_timeout = g(
+            lambda: self.number("upstream_timeout", top.get("upstream_timeout", 30)), None
+        )
+        shutdown_timeout = g(
+            lambda: self.number(
+                "shutdown_timeout", top.get("shutdown_timeout", 10), exclusive=False
+            ),
+            None,
+        )
+        max_token = g(
+            lambda: self.integer("max_token_bytes", top.get("max_token_bytes", 4096), minimum=16),
+            None,
+        )
+        authlete = g(lambda: self.authlete(top.get("authlete")), None)
+        cache = g(lambda: self.cache(top.get("cache")), None)
+        headers = g(lambda: self.headers(top.get("headers")), None)
+        routes = g(lambda: self.routes(top.get("routes"), upstream_timeout or 30.0), None)
+        if (
+            listen is not None
+            and admin is not None
+            and listen.port != 0
+            and listen.port == admin.port
+            and (listen.host == admin.host or "0.0.0.0" in (listen.host, admin.host))
+        ):
+            self.problems.append("admin_listen: must differ from listen")
+        if self.problems:
+            return None
+        return Config(
+            listen=listen,
+            admin_listen=admin,
+            realm=realm,
+            upstream_timeout=upstream_timeout,
+            shutdown_timeout=shutdown_timeout,
+            max_token_bytes=max_token,
+            authlete=authlete,
+            cache=cache,
+            headers=headers,
+            routes=routes,
+        )
+
+    def realm(self, value: Any) -> str:
+        text = self.string("realm", value)
+        if '"' in text or "\\" in text or not text.isascii():
+            raise self.fail("realm", "must be printable ASCII without quotes or backslashes")
+        return text
+
+    def authlete(self, raw: Any) -> AuthleteConfig:
+        if raw is None:
+            raise self.fail("authlete", "is required (base_url, service_id, access_token)")
+        m = self.mapping("authlete", raw, {"base_url", "service_id", "access_token", "timeout"})
+        for key in ("base_url", "service_id", "access_token"):
+            if key not in m:
+                self.problems.append(f"authlete.{key}: is required")
+        base_url: Any = (
+            self.guard(lambda: self.base_url(m["base_url"]), None) if "base_url" in m else None
+        )
+        service_id: Any = None
+        if "service_id" in m:
+            service_id = self.guard(
+                lambda: self.string("authlete.service_id", m["service_id"]), None
+            )
+            if service_id is not None and not _SERVICE_ID.match(service_id):
+                self.problems.append(
+                    "authlete.service_id: must be a plain identifier (letters, digits, ._~-)"
+                )
+        token: Any = None
+        if "access_token" in m:
+            token = self.guard(
+                lambda: self.string("authlete.access_token", m["access_token"]), None
+            )
+            if token is not None and (not token.isascii() or " " in token):
+                self.problems.append("authlete.access_token: must be ASCII without spaces")
+        timeout = self.guard(lambda: self.number("authlete.timeout", m.get("timeout", 2.0)), None)
+        if None in (base_url, service_id, token, timeout):
+            raise _Invalid()
+        return AuthleteConfig(
+            base_url=base_url, service_id=service_id, access_token=token, timeout=timeout
+        )
+
+    def base_url(self, value: Any) -> str:
+        text = self.string("authlete.base_url", value)
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018  # validates the port
+        except ValueError:
+            raise self.fail("authlete.base_url", "not an http(s) URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail("authlete.base_url", "not an http(s) URL")
+        if parts.query or parts.fragment or parts.username is not None:
+            raise self.fail(
+                "authlete.base_url", "must not contain a query, fragment or credentials"
+            )
+        return text.rstrip("/")
+
+    def cache(self, raw: Any) -> CacheConfig:
+        m = self.mapping(
+            "cache", raw, {"ttl", "negative_ttl", "max_entries", "negative_max_entries"}
+        )
+        g = self.guard
+        ttl = g(lambda: self.number("cache.ttl", m.get("ttl", 60), exclusive=False), None)
+        neg = g(
+            lambda: self.number("cache.negative_ttl", m.get("negative_ttl", 5), exclusive=False),
+            None,
+        )
+        size = g(
+            lambda: self.integer("cache.max_entries", m.get("max_entries", 100_000), minimum=1),
+            None,
+        )
+        neg_size = g(
+            lambda: self.integer(
+                "cache.negative_max_entries",
+                m.get("negative_max_entries", max(1, (size or 100_000) // 10)),
+                minimum=1,
+            ),
+            None,
+        )
+        if None in (ttl, neg, size, neg_size):
+            raise _Invalid()
+        return CacheConfig(
+            ttl=ttl, negative_ttl=neg, max_entries=size, negative_max_entries=neg_size
+        )
+
+    def headers(self, raw: Any) -> HeadersConfig:
+        m = self.mapping("headers", raw, {"subject", "scopes", "client_id"})
+        defaults = HeadersConfig()
+        names: dict[str, str] = {}
+        for key in ("subject", "scopes", "client_id"):
+            path = f"headers.{key}"
+            try:
+                name = self.string(path, m.get(key, getattr(defaults, key)))
+            except _Invalid:
+                continue
+            if not _TCHAR.match(name):
+                self.problems.append(f"{path}: not a valid header name")
+                continue
+            folded = name.lower().replace("_", "-")
+            if folded in _RESERVED_HEADERS:
+                self.problems.append(f"{path}: {name} is reserved by the proxy")
+                continue
+            if folded in {n.lower().replace("_", "-") for n in names.values()}:
+                self.problems.append(f"{path}: duplicates another identity header")
+                continue
+            names[key] = name
+        if len(names) != 3:
+            raise _Invalid()
+        return HeadersConfig(**names)
+
+    def routes(self, raw: Any, default_timeout: float) -> tuple[Route, ...]:
+        if raw is None:
+            raise self.fail("routes", "at least one route is required")
+        if not isinstance(raw, list):
+            raise self.fail("routes", "must be a list of routes")
+        if not raw:
+            raise self.fail("routes", "at least one route is required")
+        routes: list[Route | None] = []
+        for i, item in enumerate(raw):
+            try:
+                routes.append(self.route(i, item, default_timeout))
+            except _Invalid:
+                routes.append(None)
+        names: set[str] = set()
+        for i, route in enumerate(routes):
+            if route is None:
+                continue
+            if route.name in names:
+                self.problems.append(f"routes[{i}].name: duplicate route name {route.name!r}")
+            names.add(route.name)
+        if None in routes:
+            raise _Invalid()
+        return tuple(r for r in routes if r is not None)
+
+    def route(self, index: int, raw: Any, default_timeout: float) -> Route:
+        p = f"routes[{index}]"
+        m = self.mapping(
+            p, raw, {"name", "path_prefix", "methods", "upstream", "auth", "scopes", "timeout"}
+        )
+        if not m and raw is None:
+            raise self.fail(p, "must be a mapping")
+        g = self.guard
+        if "path_prefix" not in m:
+            self.problems.append(f"{p}.path_prefix: is required")
+        if "upstream" not in m:
+            self.problems.append(f"{p}.upstream: is required")
+        prefix: Any = (
+            g(lambda: self.path_prefix(f"{p}.path_prefix", m["path_prefix"]), None)
+            if "path_prefix" in m
+            else None
+        )
+        upstream: Any = (
+            g(lambda: self.upstream(f"{p}.upstream", m["upstream"]), None)
+            if "upstream" in m
+            else None
+        )
+        methods = g(lambda: self.methods(f"{p}.methods", m.get("methods")), False)
+        auth = g(lambda: self.string(f"{p}.auth", m.get("auth", "required")), None)
+        if auth is not None and auth not in ("required", "none"):
+            self.problems.append(f'{p}.auth: must be "required" or "none"')
+            auth = None
+        scopes = g(lambda: self.scopes(f"{p}.scopes", m.get("scopes")), None)
+        if auth == "none" and scopes:
+            self.problems.append(f"{p}.scopes: not allowed with auth: none")
+            scopes = None
+        timeout = g(lambda: self.number(f"{p}.timeout", m.get("timeout", default_timeout)), None)
+        name = g(lambda: self.string(f"{p}.name", m.get("name", prefix or f"route{index}")), None)
+        if name is not None and not re.match(r"^[A-Za-z0-9._/:~-]+$", name):
+            self.problems.append(f"{p}.name: use letters, digits and ._/:~-")
+            name = None
+        if None in (prefix, upstream, auth, scopes, timeout, name) or methods is False:
+            raise _Invalid()
+        return Route(
+            name=name,
+            path_prefix=prefix,
+            methods=methods,
+            upstream=upstream,
+            auth_required=auth == "required",
+            scopes=scopes,
+            timeout=timeout,
+        )
+
+    def path_prefix(self, path: str, value: Any) -> str:
+        text = self.string(path, value)
+        if not text.startswith("/"):
+            raise self.fail(path, 'must start with "/"')
+        if "?" in text or "#" in text:
+            raise self.fail(path, "must not contain a query or fragment")
+        try:
+            normal = normalise_path(text)
+        except PathError as exc:
+            raise self.fail(path, f"invalid path: {exc.reason}") from None
+        if normal != text and normal + "/" != text:
+            raise self.fail(path, f"must be a normalised path (did you mean {normal!r}?)")
+        return normal.rstrip("/") or "/"
+
+    def methods(self, path: str, value: Any) -> frozenset[str] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, "must be a non-empty list of HTTP methods")
+        out = set()
+        for i, item in enumerate(value):
+            method = self.string(f"{path}[{i}]", item).upper()
+            if not _TCHAR.match(method):
+                raise self.fail(f"{path}[{i}]", "not a valid HTTP method")
+            out.add(method)
+        return frozenset(out)
+
+    def scopes(self, path: str, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(path, "must be a list of scope names")
+        out: list[str] = []
+        for i, item in enumerate(value):
+            scope = self.string(f"{path}[{i}]", item)
+            if not _SCOPE.match(scope):
+                raise self.fail(
+                    f"{path}[{i}]", "not a valid scope name (one name, no spaces or quotes)"
+                )
+            if scope not in out:
+                out.append(scope)
+        return tuple(out)
+
+
+def summary(cfg: Config) -> Iterator[str]:
+    """The one-screen summary printed by `gateway check-config`."""
+    yield f"listen {cfg.listen}   admin {cfg.admin_listen}   realm {cfg.realm!r}"
+    yield (
+        f"authlete {cfg.authlete.introspection_url}  timeout {cfg.authlete.timeout:g}s   "
+        f"cache ttl {cfg.cache.ttl:g}s negative {cfg.cache.negative_ttl:g}s "
+        f"max {cfg.cache.max_entries}"
+    )
+    yield f"{len(cfg.routes)} route(s), first match wins:"
+    for r in cfg.routes:
+        methods = ",".join(sorted(r.methods)) if r.methods else "*"
+        auth = (
+            ("scopes: " + " ".join(r.scopes))
+            if r.scopes
+            else ("auth: token" if r.auth_required else "auth: none")
+        )
+        yield f"  {r.name:<16} {methods:<10} {r.path_prefix:<20} -> {r.upstream.origin}  {auth}"

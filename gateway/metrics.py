@@ -1,0 +1,107 @@
+"""Every metric the gateway exports, defined in one place.
+
+Label values are bounded: route names come from the config, methods from a fixed set,
+statuses are integers, outcomes are enums. No token, subject or path is ever a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+NO_ROUTE = "(none)"
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request as the client sees it, until the response is complete.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures by kind (refused, reset, timeout, protocol).",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.introspections = Counter(
+            "gateway_introspection_requests",
+            "Calls to Authlete's introspection API by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.introspection_duration = Histogram(
+            "gateway_introspection_duration_seconds",
+            "Latency of calls to Authlete's introspection API.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "gateway_cache_requests",
+            "Verdict cache lookups by result (hit, negative_hit, miss).",
+            ["result"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "gateway_introspection_coalesced",
+            "Cache misses that joined an introspection call already in flight for their token.",
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "gateway_open_connections", "Client connections open on the proxy listener.", registry=r
+        )
+        build = Gauge("gateway_build_info", "Build information.", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+
+    def count_request(self, route: str, method: str, status: int) -> None:
+        if method not in KNOWN_METHODS:
+            method = "OTHER"  # keeps both the label set and this dict bounded
+        key = (route, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(route, method, str(status))
+            self._request_children[key] = child
+        child.inc()
+
+    def watch_cache(self, entries: Callable[[], int], evictions: Callable[[], int]) -> None:
+        self.registry.register(_CacheCollector(entries, evictions))
+
+
+class _CacheCollector(Collector):
+    def __init__(self, entries: Callable[[], int], evictions: Callable[[], int]) -> None:
+        self._entries = entries
+        self._evictions = evictions
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "gateway_cache_entries", "Verdicts held in the cache.", value=self._entries()
+        )
+        yield CounterMetricFamily(
+            "gateway_cache_evictions",
+            "Verdicts evicted before expiry because the cache was full.",
+            value=self._evictions(),
+        )

@@ -1,0 +1,153 @@
+"""Forwarding: headers in and out, bodies streamed both ways, upstream faults to 502/504."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+from yarl import URL
+
+from gateway.config import HOP_BY_HOP, HeadersConfig
+from gateway.introspection import Active
+
+log = logging.getLogger("gateway.proxy")
+
+_X_FORWARDED_FOR = istr("X-Forwarded-For")
+_X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
+_X_FORWARDED_HOST = istr("X-Forwarded-Host")
+# Set by the proxy itself; a client's copy is never passed on.
+_REPLACED = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect", "content-length"})
+# Headers the HTTP client must not invent: the upstream sees the client's own.
+SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+class UpstreamError(Exception):
+    """`kind` is one of refused, reset, timeout, protocol; a bounded metric label."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _fold(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def connection_tokens(values: Iterable[str]) -> frozenset[str]:
+    """Header names listed in Connection are hop-by-hop for this message only."""
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+class HeaderPolicy:
+    """What goes upstream: the client's end-to-end headers minus anything that claims identity."""
+
+    def __init__(self, names: HeadersConfig) -> None:
+        self.subject = names.subject
+        self.scopes = names.scopes
+        self.client_id = names.client_id
+        self._identity = frozenset(_fold(n) for n in (names.subject, names.scopes, names.client_id))
+        self._drop_request = HOP_BY_HOP | _REPLACED
+
+    def upstream_headers(
+        self, request: web.BaseRequest, identity: Active | None
+    ) -> CIMultiDict[str]:
+        inbound = request.headers
+        drop = self._drop_request
+        listed = (
+            connection_tokens(inbound.getall("Connection", ())) if "Connection" in inbound else None
+        )
+        identity_names = self._identity
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in inbound.items():
+            lower = name.lower()
+            if lower in drop or (listed is not None and lower in listed):
+                continue
+            if _fold(lower) in identity_names:
+                continue
+            out.add(name, value)
+        if "Content-Length" in inbound and "Transfer-Encoding" not in inbound:
+            out["Content-Length"] = inbound["Content-Length"]
+        prior = inbound.getall(_X_FORWARDED_FOR, ())
+        peer = request.remote or ""
+        out.popall(_X_FORWARDED_FOR, None)
+        out[_X_FORWARDED_FOR] = ", ".join([*prior, peer]) if prior else peer
+        out[_X_FORWARDED_PROTO] = request.scheme
+        host = inbound.get("Host")
+        if host:
+            out[_X_FORWARDED_HOST] = host
+        if identity is not None:
+            if identity.subject is not None:
+                out[self.subject] = identity.subject
+            out[self.scopes] = identity.scope_header
+            out[self.client_id] = identity.client_id
+        return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    listed = (
+        connection_tokens(upstream.getall("Connection", ())) if "Connection" in upstream else None
+    )
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or (listed is not None and lower in listed):
+            continue
+        out.add(name, value)
+    return out
+
+
+async def forward(
+    request: web.BaseRequest,
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    timeout: aiohttp.ClientTimeout,
+) -> web.StreamResponse:
+    """Stream the request to `url` and the answer back.
+
+    Raises UpstreamError before the response has started; after that a fault cuts the
+    client connection instead, and the (already sent) response is returned.
+    """
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        # The token is good: let the client send its body now instead of after its own timeout.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    data = request.content if request.body_exists else None
+    try:
+        upstream = await session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=timeout,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+        )
+    except TimeoutError:
+        raise UpstreamError("timeout") from None
+    except aiohttp.ClientConnectorError:
+        raise UpstreamError("refused") from None
+    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError):
+        raise UpstreamError("protocol") from None
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamError("reset") from None
+    try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(response_headers(upstream.headers))
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        # The status line is gone already: all we can honestly do is cut the connection,
+        # so the client sees a truncated message instead of a complete wrong one.
+        log.info("response stream cut: %s", type(exc).__name__)
+        upstream.close()
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    finally:
+        upstream.release()

@@ -1,0 +1,162 @@
+"""Routing: normalise the request target once, then match it against the route table.
+
+The path that was matched is exactly the path that is forwarded, so no upstream can
+be reached through a path the route table did not see (`/public/../orders`,
+`/public/%2e%2e/orders`, `//orders`). Anything ambiguous is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import Route
+
+_HEX = "0123456789ABCDEFabcdef"
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# RFC 3986 pchar minus '%' (handled separately) plus '/': what may appear raw in a path.
+_PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
+# A query may hold these raw too; anything else (space, quotes, <>, controls, non-ASCII) is refused.
+_QUERY_CHARS = _PATH_CHARS | frozenset("?%")
+# Encoded octets that would change the path's structure if an upstream decoded them.
+_FORBIDDEN_OCTETS = {0x2F: "encoded slash", 0x5C: "encoded backslash", 0x00: "encoded NUL"}
+
+
+class PathError(ValueError):
+    """The request target cannot be routed safely; the client gets 400."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    path: str  # normalised; this exact string is forwarded
+    query: str  # raw query without '?', "" when absent
+    has_query: bool
+
+    @property
+    def forward(self) -> str:
+        return f"{self.path}?{self.query}" if self.has_query else self.path
+
+
+def parse_target(raw: str) -> Target:
+    """Split an origin-form request target and normalise its path."""
+    if not raw.startswith("/"):
+        raise PathError("request target must be an absolute path")
+    path, has_query, query = raw.partition("?")
+    if "#" in raw:
+        raise PathError("fragment in request target")
+    for ch in query:
+        if ch not in _QUERY_CHARS:
+            raise PathError("invalid character in query")
+    return Target(normalise_path(path), query, bool(has_query))
+
+
+def normalise_path(raw: str) -> str:
+    """Decode unreserved percent-escapes, resolve dot segments, refuse anything ambiguous.
+
+    Kept as is: reserved percent-escapes (uppercased), `;` parameters. Refused: encoded
+    slash, backslash or NUL, invalid or overlong UTF-8 in escapes, raw control or
+    non-ASCII characters, backslashes, empty segments (`//`), dot segments that carry
+    parameters (`..;x`), and `..` above the root.
+    """
+    if not raw.startswith("/"):
+        raise PathError("path must start with '/'")
+    out: list[str] = []
+    i, n = 0, len(raw)
+    while i < n:
+        ch = raw[i]
+        if ch == "%":
+            octets, i = _read_escapes(raw, i)
+            _check_utf8(octets)
+            for b in octets:
+                c = chr(b)
+                if c in _UNRESERVED:
+                    out.append(c)
+                else:
+                    if b in _FORBIDDEN_OCTETS:
+                        raise PathError(_FORBIDDEN_OCTETS[b])
+                    out.append(f"%{b:02X}")
+            continue
+        if ch == "\\":
+            raise PathError("backslash in path")
+        if ch not in _PATH_CHARS:
+            raise PathError("invalid character in path")
+        out.append(ch)
+        i += 1
+    return _remove_dot_segments("".join(out))
+
+
+def _read_escapes(raw: str, i: int) -> tuple[bytes, int]:
+    """Read a run of consecutive %XX escapes starting at i."""
+    buf = bytearray()
+    n = len(raw)
+    while i < n and raw[i] == "%":
+        if i + 3 > n:
+            raise PathError("truncated percent-encoding")
+        h1, h2 = raw[i + 1], raw[i + 2]
+        if h1 not in _HEX or h2 not in _HEX:
+            raise PathError("invalid percent-encoding")
+        buf.append(int(h1 + h2, 16))
+        i += 3
+    return bytes(buf), i
+
+
+def _check_utf8(octets: bytes) -> None:
+    # Only runs of non-ASCII octets need decoding; strict UTF-8 refuses overlong forms.
+    if any(b >= 0x80 for b in octets):
+        try:
+            octets.decode("utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise PathError("invalid UTF-8 in percent-encoding") from None
+
+
+def _remove_dot_segments(path: str) -> str:
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    last = len(segments) - 1
+    for idx, seg in enumerate(segments):
+        name = seg.partition(";")[0]
+        if name in (".", ".."):
+            if seg != name:
+                raise PathError("dot segment with parameters")
+            if name == "..":
+                if not out:
+                    raise PathError("path escapes the root")
+                out.pop()
+            if idx == last:
+                out.append("")  # "/a/b/.." -> "/a/"
+            continue
+        if seg == "" and idx != last:
+            raise PathError("empty path segment (repeated slash)")
+        out.append(seg)
+    return "/" + "/".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    """First match wins; a prefix matches whole segments, ignoring `;` parameters."""
+
+    routes: Sequence[Route]
+
+    def match(self, method: str, path: str) -> Route | None:
+        key = _match_key(path)
+        for route in self.routes:
+            if route.methods is not None and method not in route.methods:
+                continue
+            prefix = route.path_prefix
+            if prefix == "/" or key == prefix or key.startswith(prefix + "/"):
+                return route
+        return None
+
+
+def _match_key(path: str) -> str:
+    # Servlet containers and others drop ";params" per segment before routing, so
+    # "/orders;x/7" must match the "/orders" route, not slip to a catch-all.
+    if ";" not in path:
+        return path
+    return "/".join(seg.partition(";")[0] for seg in path.split("/"))

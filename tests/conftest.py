@@ -1,0 +1,181 @@
+"""Shared fixtures: the Authlete emulator, echo upstreams and the gateway, all on real
+loopback sockets. Nothing of our own HTTP path is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.config import Config, parse_config
+from gateway.echo import start_echo
+from gateway.emulator import Emulator
+
+SERVICE_ID = "715948317"
+SERVICE_TOKEN = "test-service-access-token"
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu = Emulator(SERVICE_ID, SERVICE_TOKEN)
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    """Base URL of an echo upstream that describes every request it receives."""
+    runner, url = await start_echo()
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    url: str
+    admin_url: str
+    port: int
+
+    @property
+    def config(self) -> Config:
+        return self.gateway.cfg
+
+
+def make_config(authlete_url: str, routes: list[dict[str, Any]], **overrides: Any) -> Config:
+    raw: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "realm": "test",
+        "authlete": {
+            "base_url": authlete_url,
+            "service_id": SERVICE_ID,
+            "access_token": SERVICE_TOKEN,
+            "timeout": 2.0,
+        },
+        "routes": routes,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return parse_config(yaml.safe_dump(raw), env={})
+
+
+StartGateway = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_gateway(emulator: Emulator) -> AsyncIterator[StartGateway]:
+    """Factory: `await start_gateway(routes, **config_overrides)` -> a running gateway."""
+    started: list[Gateway] = []
+
+    async def start(routes: list[dict[str, Any]], **overrides: Any) -> Running:
+        authlete_url = overrides.pop("authlete_url", emulator.base_url)
+        cfg = make_config(authlete_url, routes, **overrides)
+        gw = Gateway(cfg)
+        started.append(gw)
+        await gw.start()
+        return Running(
+            gw,
+            f"http://127.0.0.1:{gw.proxy_port}",
+            f"http://127.0.0.1:{gw.admin_port}",
+            gw.proxy_port,
+        )
+
+    try:
+        yield start
+    finally:
+        for gw in reversed(started):
+            await gw.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def echo_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The echo upstream's description of what it received."""
+    assert resp.status == 200, await resp.text()
+    data: dict[str, Any] = json.loads(await resp.read())
+    return data
+
+
+def header_values(echo: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in echo["headers"] if k.lower() == name.lower()]
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> RawResponse:
+    """Send bytes exactly as given (no client-side normalisation) and read one response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = []
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers.append((k.strip(), v.strip()))
+        length = next((int(v) for k, v in headers if k.lower() == "content-length"), None)
+        if length is not None:
+            body = await asyncio.wait_for(reader.readexactly(length), timeout)
+        else:
+            body = await asyncio.wait_for(reader.read(), timeout)
+        return RawResponse(status, headers, body)
+    finally:
+        writer.close()
+
+
+async def get(port: int, target: str, headers: dict[str, str] | None = None) -> RawResponse:
+    lines = [f"GET {target} HTTP/1.1", "Host: gateway.test", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return await raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+async def start_app(app: web.Application) -> tuple[web.AppRunner, str, int]:
+    """Serve a test-specific aiohttp app on loopback (for upstreams that misbehave)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    return runner, f"http://127.0.0.1:{port}", port
