@@ -6,12 +6,15 @@ routing -> bearer -> verdicts (cache -> introspection) -> decision -> proxy
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
@@ -79,7 +82,7 @@ class Gateway:
         verdicts = self._verdicts
         self.metrics.watch_cache(lambda: len(verdicts.cache), lambda: verdicts.cache.evictions)
 
-        server = web.Server(self.handle, handler_cancellation=True, access_log=None)
+        server = _Server(self.handle, handler_cancellation=True, access_log=None)
         self.metrics.open_connections.set_function(lambda: len(server.connections))
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=cfg.shutdown_timeout
@@ -222,6 +225,41 @@ class Gateway:
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's own error answers quote the offending request bytes (which may be an
+    Authorization header) in the body and the log; ours name only the kind of error."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            log.info("malformed request from %s: %s", request.remote, type(exc).__name__)
+            error, description = "invalid_request", "The request is not valid HTTP."
+        else:
+            # A bug of ours: keep the traceback (our exceptions never carry a token).
+            log.error("request handler failed", exc_info=exc)
+            error, description = "server_error", "The gateway failed to handle the request."
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        response = web.Response(
+            status=status,
+            body=json.dumps({"error": error, "error_description": description}).encode(),
+            content_type="application/json",
+            headers={"Cache-Control": _NO_STORE},
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -568,3 +568,38 @@ async def _metrics(client: aiohttp.ClientSession, admin_url: str) -> dict[str, f
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+async def test_token_never_appears_in_logs_or_answers(
+    emulator: Emulator,
+    upstream: str,
+    start_gateway: StartGateway,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("DEBUG")
+    secret = "SeCrEt-Token-4711"
+    emulator.add_token(secret, scopes=["profile"])
+    gw = await start_gateway(routes(upstream))
+    answers: list[bytes] = []
+    for raw in (
+        f"Authorization: Bearer {secret}\x01x",  # invalid header byte: a parse error
+        f"Authorization: Bearer {secret} {secret}",  # two tokens
+        f"Authorization: Bearer {secret}\r\nAuthorization: Bearer {secret}",
+        f"Authorization: Bearer {secret}",  # active, but lacks the scope: 403
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(f"GET /orders HTTP/1.1\r\nHost: t\r\n{raw}\r\n\r\n".encode("latin-1"))
+        answers.append(await asyncio.wait_for(reader.read(65536), 5))
+        writer.close()
+    emulator.override = Override(status=500)
+    assert [a.split(b" ", 2)[1] for a in answers] == [b"400", b"400", b"400", b"403"]
+    async with client.get(f"{gw.url}/orders", headers=bearer(secret + "2")) as resp:
+        assert resp.status == 503
+        answers.append(await resp.read())
+    for answer in answers:
+        assert secret.encode() not in answer
+    assert caplog.records, "the failures above should have been logged"
+    assert secret not in caplog.text
+    async with client.get(f"{gw.admin_url}/metrics") as resp:
+        assert secret not in await resp.text()
