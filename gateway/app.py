@@ -43,8 +43,11 @@ _NO_STORE = "no-store"
 class Gateway:
     """One gateway process: the proxy listener, the admin listener and their shared state."""
 
-    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, cfg: Config, metrics: Metrics | None = None, reuse_port: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port
         self.metrics = metrics if metrics is not None else Metrics()
         self.router = Router(cfg.routes)
         self.decider = Decider(cfg.realm)
@@ -88,7 +91,13 @@ class Gateway:
             server, handle_signals=False, shutdown_timeout=cfg.shutdown_timeout
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, cfg.listen.host, cfg.listen.port, backlog=1024).start()
+        await web.TCPSite(
+            self._runner,
+            cfg.listen.host,
+            cfg.listen.port,
+            backlog=1024,
+            reuse_port=self.reuse_port or None,
+        ).start()
         self.proxy_port = _bound_port(self._runner)
 
         admin = web.Application()
@@ -97,7 +106,12 @@ class Gateway:
         admin.router.add_get("/metrics", self._metrics)
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
-        await web.TCPSite(self._admin_runner, cfg.admin_listen.host, cfg.admin_listen.port).start()
+        await web.TCPSite(
+            self._admin_runner,
+            cfg.admin_listen.host,
+            cfg.admin_listen.port,
+            reuse_port=self.reuse_port or None,
+        ).start()
         self.admin_port = _bound_port(self._admin_runner)
         self.ready = True
         log.info(
@@ -267,9 +281,9 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return int(addresses[0][1]) if addresses else 0
 
 
-async def serve(cfg: Config) -> None:
+async def serve(cfg: Config, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
-    gateway = Gateway(cfg)
+    gateway = Gateway(cfg, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

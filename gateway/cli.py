@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve the proxy and admin listeners")
     _config_option(run)
     _loop_option(run)
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes sharing the listeners via SO_REUSEPORT (default 1)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and summarise its routes")
@@ -69,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     _loop_option(emu)
     emu.set_defaults(handler=_cmd_emulator)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:
@@ -118,7 +134,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import serve
 
     _setup_logging()
-    return _run_loop(serve(cfg), args.loop)
+    if args.workers == 1:
+        return _run_loop(serve(cfg), args.loop)
+    from gateway.workers import supervise
+
+    return supervise(args.workers, lambda _index: _run_loop(serve(cfg, reuse_port=True), args.loop))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
