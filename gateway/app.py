@@ -30,6 +30,7 @@ from gateway.decision import (
     denial,
 )
 from gateway.introspection import Active, IntrospectionError, Introspector, Verdict
+from gateway.logs import AccessLog, RequestIds
 from gateway.metrics import NO_ROUTE, Metrics
 from gateway.proxy import HeaderPolicy, UpstreamError, forward
 from gateway.routing import PathError, Router, parse_target
@@ -57,6 +58,8 @@ class Gateway:
             for r in cfg.routes
         }
         self.ready = False
+        self._request_ids = RequestIds()
+        self._access_log = AccessLog() if cfg.log.access else None
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._authlete_session: aiohttp.ClientSession | None = None
@@ -133,6 +136,8 @@ class Gateway:
         for session in (self._upstream_session, self._authlete_session):
             if session is not None:
                 await session.close()
+        if self._access_log is not None:
+            self._access_log.flush()
 
     @property
     def verdicts(self) -> Verdicts:
@@ -141,16 +146,29 @@ class Gateway:
 
     # ------------------------------------------------------------------ the request path
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        method = request.method
+        ex = Exchange(self._request_ids.take(request.headers.get("X-Request-Id")), request.method)
+        try:
+            response = await self._decide_and_forward(request, ex)
+        except BaseException:
+            ex.status = 499  # the client went away (handler cancelled), or a bug of ours
+            self._account(request, ex, None)
+            raise
+        self._account(request, ex, response)
+        return response
+
+    async def _decide_and_forward(
+        self, request: web.BaseRequest, ex: Exchange
+    ) -> web.StreamResponse:
         try:
             target = parse_target(request.raw_path)
         except PathError as exc:
             bad_path = denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
-            return self._deny(NO_ROUTE, method, bad_path, started)
-        route = self.router.match(method, target.path)
+            return self._deny(ex, bad_path)
+        ex.path = target.path
+        route = self.router.match(ex.method, target.path)
         if route is None:
-            return self._deny(NO_ROUTE, method, NOT_FOUND, started)
+            return self._deny(ex, NOT_FOUND)
+        ex.route = route.name
 
         identity: Active | None = None
         if route.auth_required:
@@ -158,60 +176,97 @@ class Gateway:
                 request.headers.getall("Authorization", ()), self.cfg.max_token_bytes
             )
             if isinstance(token, bearer.NoToken):
-                return self._deny(route.name, method, self.decider.no_token(token), started)
+                return self._deny(ex, self.decider.no_token(token))
             try:
-                verdict = await self.verdicts.lookup(token)
+                verdict, ex.cache = await self.verdicts.lookup(token)
             except IntrospectionError as exc:
+                ex.cache = "miss"
                 log.warning("no verdict for route %s: %s", route.name, exc.detail)
-                return self._deny(route.name, method, SERVICE_UNAVAILABLE, started)
+                return self._deny(ex, SERVICE_UNAVAILABLE)
+            if isinstance(verdict, Active):
+                ex.identity = verdict
             refused = self.decider.check(verdict, route.scopes)
             if refused is not None:
-                return self._deny(route.name, method, refused, started)
-            assert isinstance(verdict, Active)
-            identity = verdict
+                return self._deny(ex, refused)
+            identity = ex.identity
 
-        return await self._forward(request, route, target.forward, identity, started)
+        return await self._forward(request, ex, route, target.forward, identity)
 
     async def _forward(
         self,
         request: web.BaseRequest,
+        ex: Exchange,
         route: Route,
         path_and_query: str,
         identity: Active | None,
-        started: float,
     ) -> web.StreamResponse:
         assert self._upstream_session is not None
         headers = self.header_policy.upstream_headers(request, identity)
+        headers["X-Request-Id"] = ex.request_id
         url = URL(route.upstream.origin + path_and_query, encoded=True)
+        ex.upstream_started = time.perf_counter()
         try:
             response = await forward(
-                request, self._upstream_session, url, headers, self._timeouts[route.name]
+                request,
+                self._upstream_session,
+                url,
+                headers,
+                self._timeouts[route.name],
+                ex.request_id,
             )
         except UpstreamError as exc:
             self.metrics.upstream_errors.labels(route.name, exc.kind).inc()
             log.warning("upstream %s for route %s: %s", route.upstream.origin, route.name, exc.kind)
-            failed = GATEWAY_TIMEOUT if exc.kind == "timeout" else BAD_GATEWAY
-            return self._deny(route.name, request.method, failed, started)
-        self._record(route.name, request.method, response.status, started)
+            return self._deny(ex, GATEWAY_TIMEOUT if exc.kind == "timeout" else BAD_GATEWAY)
+        finally:
+            ex.upstream_seconds = time.perf_counter() - ex.upstream_started
+        ex.status = response.status
         return response
 
-    def _deny(self, route: str, method: str, refused: Denial, started: float) -> web.Response:
+    def _deny(self, ex: Exchange, refused: Denial) -> web.Response:
         response = web.Response(
             status=refused.status, body=refused.body, content_type="application/json"
         )
         headers = response.headers
         headers["Cache-Control"] = _NO_STORE
         headers["Pragma"] = "no-cache"
+        headers["X-Request-Id"] = ex.request_id
         if refused.challenge is not None:
             headers["WWW-Authenticate"] = refused.challenge
         if refused.retry_after is not None:
             headers["Retry-After"] = refused.retry_after
-        self._record(route, method, refused.status, started)
+        ex.status = refused.status
         return response
 
-    def _record(self, route: str, method: str, status: int, started: float) -> None:
-        self.metrics.count_request(route, method, status)
-        self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+    def _account(
+        self, request: web.BaseRequest, ex: Exchange, response: web.StreamResponse | None
+    ) -> None:
+        """Metrics and the access log line: one place, once per request."""
+        duration = time.perf_counter() - ex.started
+        self.metrics.count_request(ex.route, ex.method, ex.status)
+        self.metrics.request_duration.labels(ex.route).observe(duration)
+        if self._access_log is None:
+            return
+        identity = ex.identity
+        self._access_log.write(
+            {
+                "request_id": ex.request_id,
+                "remote": request.remote,
+                "route": ex.route,
+                "method": ex.method,
+                "path": ex.path if ex.path is not None else _loggable_path(request.raw_path),
+                "status": ex.status,
+                "duration": round(duration, 6),
+                "upstream_duration": (
+                    round(ex.upstream_seconds, 6) if ex.upstream_seconds is not None else None
+                ),
+                "cache": ex.cache,
+                "client_id": identity.client_id if identity is not None else None,
+                "subject": identity.subject if identity is not None else None,
+                "bytes_in": request.content.total_bytes,
+                "bytes_out": response.body_length if response is not None else 0,
+            }
+        )
 
     async def _introspect(self, token: str) -> Verdict:
         assert self._introspector is not None
@@ -274,6 +329,40 @@ class _Protocol(RequestHandler):
 class _Server(web.Server):
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=self._loop, **self._kwargs)
+
+
+class Exchange:
+    """What one request has learnt on its way through; read once, by `_account`."""
+
+    __slots__ = (
+        "cache",
+        "identity",
+        "method",
+        "path",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "upstream_seconds",
+        "upstream_started",
+    )
+
+    def __init__(self, request_id: str, method: str) -> None:
+        self.started = time.perf_counter()
+        self.request_id = request_id
+        self.method = method
+        self.route = NO_ROUTE
+        self.path: str | None = None
+        self.status = 0
+        self.cache: str | None = None
+        self.identity: Active | None = None
+        self.upstream_started = 0.0
+        self.upstream_seconds: float | None = None
+
+
+def _loggable_path(raw: str) -> str:
+    path = raw.partition("?")[0]
+    return path[:256].encode("ascii", "backslashreplace").decode()
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

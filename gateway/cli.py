@@ -133,7 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from gateway.app import serve
 
-    _setup_logging()
+    _setup_logging(cfg.log.level)
     if args.workers == 1:
         return _run_loop(serve(cfg), args.loop)
     from gateway.workers import supervise
@@ -152,7 +152,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     tokens = args.tokens or str(resources.files("gateway") / "data" / "demo-tokens.yaml")
-    _setup_logging()
+    _setup_logging(cfg.log.level)
     return _run_loop(run_demo(cfg, tokens), args.loop)
 
 
@@ -205,9 +205,9 @@ def _run_loop(main: Coroutine[Any, Any, int | None], loop: str) -> int:
     return result or 0
 
 
-def _setup_logging() -> None:
+def _setup_logging(level: str = "info") -> None:
     logging.basicConfig(
-        level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

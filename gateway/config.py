@@ -49,6 +49,7 @@ _RESERVED_HEADERS = HOP_BY_HOP | {
 _TCHAR = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token (NQCHAR)
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9._~-]+$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -120,6 +121,12 @@ class HeadersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Address
     admin_listen: Address
@@ -131,6 +138,7 @@ class Config:
     cache: CacheConfig
     headers: HeadersConfig
     routes: tuple[Route, ...]
+    log: LogConfig = LogConfig()
 
 
 # --------------------------------------------------------------------------- reading
@@ -310,6 +318,7 @@ class _Validator:
                     "cache",
                     "headers",
                     "routes",
+                    "log",
                 },
             ),
             None,
@@ -340,6 +349,7 @@ class _Validator:
         cache = g(lambda: self.cache(top.get("cache")), None)
         headers = g(lambda: self.headers(top.get("headers")), None)
         routes = g(lambda: self.routes(top.get("routes"), upstream_timeout or 30.0), None)
+        log_cfg = g(lambda: self.log(top.get("log")), None)
         if (
             listen is not None
             and admin is not None
@@ -361,7 +371,27 @@ class _Validator:
             cache=cache,
             headers=headers,
             routes=routes,
+            log=log_cfg,
         )
+
+    def boolean(self, path: str, value: Any) -> bool:
+        value = self.subst(path, value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise self.fail(path, "must be true or false")
+        return value
+
+    def log(self, raw: Any) -> LogConfig:
+        m = self.mapping("log", raw, {"level", "access"})
+        level = self.guard(lambda: self.string("log.level", m.get("level", "info")).lower(), None)
+        if level is not None and level not in _LOG_LEVELS:
+            self.problems.append(f"log.level: must be one of {', '.join(_LOG_LEVELS)}")
+            level = None
+        access = self.guard(lambda: self.boolean("log.access", m.get("access", True)), None)
+        if level is None or access is None:
+            raise _Invalid()
+        return LogConfig(level=level, access=access)
 
     def realm(self, value: Any) -> str:
         text = self.string("realm", value)

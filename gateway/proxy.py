@@ -105,6 +105,7 @@ async def forward(
     url: URL,
     headers: CIMultiDict[str],
     timeout: aiohttp.ClientTimeout,
+    request_id: str,
 ) -> web.StreamResponse:
     """Stream the request to `url` and the answer back.
 
@@ -136,6 +137,7 @@ async def forward(
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(response_headers(upstream.headers))
+        response.headers["X-Request-Id"] = request_id
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)

@@ -25,13 +25,19 @@ class Verdicts:
         self._negative_hit = metrics.cache_requests.labels("negative_hit")
         self._miss = metrics.cache_requests.labels("miss")
 
-    async def lookup(self, token: str) -> Verdict:
-        """Raises IntrospectionError when no verdict could be had; that is never cached."""
+    async def lookup(self, token: str) -> tuple[Verdict, str]:
+        """The verdict and the cache result (hit, negative_hit, miss).
+
+        Raises IntrospectionError when no verdict could be had; that is never cached.
+        """
         key = token_key(token)
         verdict = self.cache.get(key)
         if verdict is not None:
-            (self._hit if isinstance(verdict, Active) else self._negative_hit).inc()
-            return verdict
+            if isinstance(verdict, Active):
+                self._hit.inc()
+                return verdict, "hit"
+            self._negative_hit.inc()
+            return verdict, "negative_hit"
         self._miss.inc()
         future = self._inflight.get(key)
         if future is None:
@@ -41,7 +47,7 @@ class Verdicts:
         else:
             self._metrics.coalesced.inc()
         # shield: a client that goes away must not cancel the call others are waiting on.
-        return await asyncio.shield(future)
+        return await asyncio.shield(future), "miss"
 
     def _done(self, key: bytes, future: asyncio.Future[Verdict]) -> None:
         if self._inflight.get(key) is future:

@@ -1,0 +1,71 @@
+"""Access log: one JSON line per request on stdout, and request ids.
+
+Lines are buffered and written at most every 100 ms (or when 64 KiB are waiting), so the
+hot path pays for a json.dumps and a list append, not for a system call per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+_FLUSH_INTERVAL = 0.1
+_FLUSH_BYTES = 64 * 1024
+_MAX_REQUEST_ID = 128
+_REQUEST_ID_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._:+/="
+)
+
+
+class RequestIds:
+    """A random per-process prefix and a counter: unique, cheap, and never guessable as a whole."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def take(self, offered: str | None) -> str:
+        if offered and len(offered) <= _MAX_REQUEST_ID and _sane(offered):
+            return offered
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+def _sane(value: str) -> bool:
+    return all(c in _REQUEST_ID_CHARS for c in value)
+
+
+class AccessLog:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def write(self, record: dict[str, Any]) -> None:
+        record["time"] = time.time()
+        line = self._dumps(record)
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= _FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        lines, self._lines, self._size = self._lines, [], 0
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout gone (closed pipe): losing access lines must not stop the proxy
