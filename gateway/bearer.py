@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 
-# b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/")
+# credentials = "Bearer" 1*SP b64token;  b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" /
+# "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class NoToken(enum.Enum):
@@ -17,31 +19,18 @@ class NoToken(enum.Enum):
 
 def extract(values: Sequence[str], max_len: int) -> str | NoToken:
     """Return the bearer token from the request's Authorization header values."""
-    if not values:
-        return NoToken.MISSING
-    if len(values) > 1:
-        # Several Authorization headers are ambiguous whatever their schemes are.
-        return NoToken.MALFORMED
+    if len(values) != 1:
+        # None: no credentials. Several: ambiguous, whatever their schemes are.
+        return NoToken.MISSING if not values else NoToken.MALFORMED
     value = values[0]
-    cut = len(value)
-    for i, ch in enumerate(value):
-        if ch in " \t":
-            cut = i
-            break
-    if value[:cut].lower() != "bearer":
-        return NoToken.MISSING
-    if value[cut : cut + 1] == "\t":
-        return NoToken.MALFORMED  # RFC 6750 allows only spaces after the scheme
-    token = value[cut:].lstrip(" ")
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() != "bearer":
+        # "Bearer\tabc" is a Bearer header with an illegal separator, not another scheme.
+        head = scheme.partition("\t")[0]
+        return NoToken.MALFORMED if head.lower() == "bearer" else NoToken.MISSING
+    token = rest.lstrip(" ")
     if not token:
         return NoToken.MALFORMED
     if len(token) > max_len:
         return NoToken.TOO_LONG
-    return token if _is_b64token(token) else NoToken.MALFORMED
-
-
-def _is_b64token(token: str) -> bool:
-    body = token.rstrip("=")
-    if not body:
-        return False
-    return all(c in _B64TOKEN_CHARS for c in body)
+    return token if _B64TOKEN.fullmatch(token) is not None else NoToken.MALFORMED

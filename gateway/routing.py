@@ -7,6 +7,7 @@ be reached through a path the route table did not see (`/public/../orders`,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,8 +19,10 @@ _HEX = "0123456789ABCDEFabcdef"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # RFC 3986 pchar minus '%' (handled separately) plus '/': what may appear raw in a path.
 _PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
-# A query may hold these raw too; anything else (space, quotes, <>, controls, non-ASCII) is refused.
-_QUERY_CHARS = _PATH_CHARS | frozenset("?%")
+# The common case, checked in C: plain segments of safe characters, no escapes. Such a
+# path is already normal unless it holds a dot segment or an empty segment.
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
 # Encoded octets that would change the path's structure if an upstream decoded them.
 _FORBIDDEN_OCTETS = {0x2F: "encoded slash", 0x5C: "encoded backslash", 0x00: "encoded NUL"}
 
@@ -48,12 +51,11 @@ def parse_target(raw: str) -> Target:
     if not raw.startswith("/"):
         raise PathError("request target must be an absolute path")
     path, has_query, query = raw.partition("?")
-    if "#" in raw:
-        raise PathError("fragment in request target")
-    for ch in query:
-        if ch not in _QUERY_CHARS:
-            raise PathError("invalid character in query")
-    return Target(normalise_path(path), query, bool(has_query))
+    if query and _PLAIN_QUERY.fullmatch(query) is None:
+        raise PathError("invalid character in query")
+    if _PLAIN_PATH.fullmatch(path) is None or "/." in path or "//" in path:
+        path = normalise_path(path)
+    return Target(path, query, bool(has_query))
 
 
 def normalise_path(raw: str) -> str:
