@@ -578,6 +578,10 @@ class _Validator:
             raise self.fail(path, 'must start with "/"')
         if "?" in text or "#" in text:
             raise self.fail(path, "must not contain a query or fragment")
+        if ";" in text:
+            raise self.fail(
+                path, "must not contain ';' parameters (they are ignored when matching)"
+            )
         try:
             normal = normalise_path(text)
         except PathError as exc:

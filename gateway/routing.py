@@ -20,7 +20,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # RFC 3986 pchar minus '%' (handled separately) plus '/': what may appear raw in a path.
 _PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
 # The common case, checked in C: plain segments of safe characters, no escapes. Such a
-# path is already normal unless it holds a dot segment or an empty segment.
+# path is already normal unless it holds a dot segment or an empty segment (`//`, `/;x/`).
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
 _PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
 # Encoded octets that would change the path's structure if an upstream decoded them.
@@ -53,7 +53,7 @@ def parse_target(raw: str) -> Target:
     path, has_query, query = raw.partition("?")
     if query and _PLAIN_QUERY.fullmatch(query) is None:
         raise PathError("invalid character in query")
-    if _PLAIN_PATH.fullmatch(path) is None or "/." in path or "//" in path:
+    if _PLAIN_PATH.fullmatch(path) is None or "/." in path or "//" in path or "/;" in path:
         path = normalise_path(path)
     return Target(path, query, bool(has_query))
 
@@ -133,7 +133,8 @@ def _remove_dot_segments(path: str) -> str:
             if idx == last:
                 out.append("")  # "/a/b/.." -> "/a/"
             continue
-        if seg == "" and idx != last:
+        if name == "" and idx != last:
+            # "/;x/orders" is "//orders" to anything that strips parameters.
             raise PathError("empty path segment (repeated slash)")
         out.append(seg)
     return "/" + "/".join(out)
