@@ -99,6 +99,18 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+class _PassThrough(web.StreamResponse):
+    """aiohttp gives an untyped body `Content-Type: application/octet-stream`; a proxy must
+    pass the upstream's headers unchanged (clients may sniff an untyped body)."""
+
+    untyped = False
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if self.untyped:
+            self.headers.popall("Content-Type", None)
+
+
 async def forward(
     request: web.BaseRequest,
     session: aiohttp.ClientSession,
@@ -135,8 +147,9 @@ async def forward(
     except (aiohttp.ClientError, OSError):
         raise UpstreamError("reset") from None
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = _PassThrough(status=upstream.status, reason=upstream.reason)
         response.headers.extend(response_headers(upstream.headers))
+        response.untyped = "Content-Type" not in upstream.headers
         response.headers["X-Request-Id"] = request_id
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
