@@ -6,8 +6,11 @@ routing -> bearer -> verdicts (cache -> introspection) -> decision -> proxy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
+import os
 import signal
 import time
 
@@ -19,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from gateway import bearer
+from gateway.budget import Budget
 from gateway.config import Config, Route
 from gateway.decision import (
     BAD_GATEWAY,
@@ -29,7 +33,7 @@ from gateway.decision import (
     Denial,
     denial,
 )
-from gateway.introspection import Active, IntrospectionError, Introspector, Verdict
+from gateway.introspection import Active, IntrospectionError, Introspector
 from gateway.logs import AccessLog, RequestIds
 from gateway.metrics import NO_ROUTE, Metrics
 from gateway.proxy import HeaderPolicy, UpstreamError, forward
@@ -58,6 +62,9 @@ class Gateway:
             for r in cfg.routes
         }
         self.ready = False
+        self.budget = Budget(cfg.authlete, self.metrics)
+        budget = self.budget
+        self.metrics.budget_tokens.set_function(lambda: budget.tokens)
         self._request_ids = RequestIds()
         self._access_log = AccessLog() if cfg.log.access else None
         self._runner: web.ServerRunner | None = None
@@ -65,6 +72,7 @@ class Gateway:
         self._authlete_session: aiohttp.ClientSession | None = None
         self._upstream_session: aiohttp.ClientSession | None = None
         self._introspector: Introspector | None = None
+        self._prober: asyncio.Future[None] | None = None
         self._verdicts: Verdicts | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -83,8 +91,13 @@ class Gateway:
             auto_decompress=False,
             trust_env=False,
         )
-        self._introspector = Introspector(cfg.authlete, self._authlete_session)
-        self._verdicts = Verdicts(cfg.cache, self._introspect, self.metrics)
+        self._introspector = Introspector(
+            cfg.authlete, self._authlete_session, self.budget, self.metrics
+        )
+        self._verdicts = Verdicts(
+            cfg.cache, self._introspector.introspect, self.metrics, cfg.authlete.deadline
+        )
+        self._prober = asyncio.ensure_future(self._probe_while_unhealthy())
         verdicts = self._verdicts
         self.metrics.watch_cache(lambda: len(verdicts.cache), lambda: verdicts.cache.evictions)
 
@@ -129,6 +142,8 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close everything."""
         self.ready = False
+        if self._prober is not None:
+            self._prober.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._admin_runner is not None:
@@ -182,7 +197,7 @@ class Gateway:
             except IntrospectionError as exc:
                 ex.cache = "miss"
                 log.warning("no verdict for route %s: %s", route.name, exc.detail)
-                return self._deny(ex, SERVICE_UNAVAILABLE)
+                return self._deny(ex, _unavailable(exc.retry_after))
             if isinstance(verdict, Active):
                 ex.identity = verdict
             refused = self.decider.check(verdict, route.scopes)
@@ -268,28 +283,35 @@ class Gateway:
             }
         )
 
-    async def _introspect(self, token: str) -> Verdict:
+    async def _probe_while_unhealthy(self) -> None:
+        """Let the breaker close (and readiness return) without waiting for client traffic,
+        which an orchestrator has routed away from a not-ready replica."""
         assert self._introspector is not None
-        started = time.perf_counter()
-        try:
-            verdict = await self._introspector.introspect(token)
-        except IntrospectionError as exc:
-            self.metrics.introspections.labels(exc.outcome).inc()
-            raise
-        finally:
-            self.metrics.introspection_duration.observe(time.perf_counter() - started)
-        outcome = "ok" if isinstance(verdict, Active) else verdict.action.lower()
-        self.metrics.introspections.labels(outcome).inc()
-        return verdict
+        interval = max(0.5, self.cfg.authlete.circuit_breaker.cooldown / 2)
+        while True:
+            await asyncio.sleep(interval)
+            if self.budget.ready and not self._introspector.credentials_rejected:
+                continue
+            probe = "gateway-probe-" + os.urandom(16).hex()  # unknown: UNAUTHORIZED if alive
+            deadline = time.monotonic() + self.cfg.authlete.deadline
+            with contextlib.suppress(IntrospectionError):
+                await self._introspector.introspect(probe, deadline)
 
     # ------------------------------------------------------------------ admin listener
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready:
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+        problems = []
+        if not self.ready:
+            problems.append("not serving")
+        elif not self.budget.ready:
+            problems.append("Authlete circuit breaker open")
+        if self._introspector is not None and self._introspector.credentials_rejected:
+            problems.append("Authlete rejects the gateway's access token")
+        if problems:
+            return web.json_response({"status": "not ready", "problems": problems}, status=503)
+        return web.json_response({"status": "ready"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -358,6 +380,12 @@ class Exchange:
         self.identity: Active | None = None
         self.upstream_started = 0.0
         self.upstream_seconds: float | None = None
+
+
+def _unavailable(retry_after: float | None) -> Denial:
+    if retry_after is None:
+        return SERVICE_UNAVAILABLE
+    return SERVICE_UNAVAILABLE._replace(retry_after=str(max(1, math.ceil(retry_after))))
 
 
 def _loggable_path(raw: str) -> str:

@@ -34,7 +34,9 @@ class VerdictCache:
         max_entries: int,
         negative_max_entries: int,
         negative_ttl: float,
+        stale_if_error: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._max = max_entries
         # key -> (monotonic deadline, verdict); a plain dict keeps insertion order, so the
@@ -44,17 +46,30 @@ class VerdictCache:
             maxsize=negative_max_entries, ttl=max(negative_ttl, 1e-9), timer=clock
         )
         self._negative_ttl = negative_ttl
+        self._stale_for = stale_if_error
         self._clock = clock
+        self._wall = wall
         self._evictions = 0
 
     def get(self, key: bytes) -> Verdict | None:
         entry = self._active.get(key)
         if entry is not None:
-            if entry[0] > self._clock():
+            now = self._clock()
+            if entry[0] > now:
                 return entry[1]
-            del self._active[key]
+            if now - entry[0] >= self._stale_for:
+                del self._active[key]  # past any stale window too
             return None
         return self._negative.get(key)
+
+    def get_stale(self, key: bytes) -> Active | None:
+        """An expired active verdict still inside `stale_if_error`, never past the token's
+        own expiry. Only for when Authlete cannot give a verdict."""
+        entry = self._active.get(key)
+        if entry is None or self._clock() - entry[0] >= self._stale_for:
+            return None
+        verdict = entry[1]
+        return verdict if verdict.expires_at > self._wall() else None
 
     def put_active(self, key: bytes, verdict: Active, ttl: float) -> None:
         if ttl <= 0:

@@ -94,11 +94,28 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    rate: float = 100.0
+    burst: int = 200
+    max_wait: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failures: int = 5
+    cooldown: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthleteConfig:
     base_url: str
     service_id: str
     access_token: str = field(repr=False)
     timeout: float = 2.0
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    retries: int = 2
+    circuit_breaker: BreakerConfig = BreakerConfig()
+    deadline: float = 5.0
 
     @property
     def introspection_url(self) -> str:
@@ -111,6 +128,7 @@ class CacheConfig:
     negative_ttl: float = 5.0
     max_entries: int = 100_000
     negative_max_entries: int = 10_000
+    stale_if_error: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +420,20 @@ class _Validator:
     def authlete(self, raw: Any) -> AuthleteConfig:
         if raw is None:
             raise self.fail("authlete", "is required (base_url, service_id, access_token)")
-        m = self.mapping("authlete", raw, {"base_url", "service_id", "access_token", "timeout"})
+        m = self.mapping(
+            "authlete",
+            raw,
+            {
+                "base_url",
+                "service_id",
+                "access_token",
+                "timeout",
+                "rate_limit",
+                "retries",
+                "circuit_breaker",
+                "deadline",
+            },
+        )
         for key in ("base_url", "service_id", "access_token"):
             if key not in m:
                 self.problems.append(f"authlete.{key}: is required")
@@ -426,11 +457,50 @@ class _Validator:
             if token is not None and (not token.isascii() or " " in token):
                 self.problems.append("authlete.access_token: must be ASCII without spaces")
         timeout = self.guard(lambda: self.number("authlete.timeout", m.get("timeout", 2.0)), None)
-        if None in (base_url, service_id, token, timeout):
+        limits = self.guard(lambda: self.rate_limit(m.get("rate_limit")), None)
+        retries = self.guard(
+            lambda: self.integer("authlete.retries", m.get("retries", 2), minimum=0), None
+        )
+        breaker = self.guard(lambda: self.breaker(m.get("circuit_breaker")), None)
+        deadline = self.guard(
+            lambda: self.number("authlete.deadline", m.get("deadline", 5.0)), None
+        )
+        if None in (base_url, service_id, token, timeout, limits, retries, breaker, deadline):
             raise _Invalid()
         return AuthleteConfig(
-            base_url=base_url, service_id=service_id, access_token=token, timeout=timeout
+            base_url=base_url,
+            service_id=service_id,
+            access_token=token,
+            timeout=timeout,
+            rate_limit=limits,
+            retries=retries,
+            circuit_breaker=breaker,
+            deadline=deadline,
         )
+
+    def rate_limit(self, raw: Any) -> RateLimitConfig:
+        p = "authlete.rate_limit"
+        m = self.mapping(p, raw, {"rate", "burst", "max_wait"})
+        g = self.guard
+        rate = g(lambda: self.number(f"{p}.rate", m.get("rate", 100)), None)
+        burst = g(lambda: self.integer(f"{p}.burst", m.get("burst", 200), minimum=1), None)
+        wait = g(
+            lambda: self.number(f"{p}.max_wait", m.get("max_wait", 1.0), exclusive=False), None
+        )
+        if rate is None or burst is None or wait is None:
+            raise _Invalid()
+        return RateLimitConfig(rate=rate, burst=burst, max_wait=wait)
+
+    def breaker(self, raw: Any) -> BreakerConfig:
+        p = "authlete.circuit_breaker"
+        m = self.mapping(p, raw, {"failures", "cooldown"})
+        failures = self.guard(
+            lambda: self.integer(f"{p}.failures", m.get("failures", 5), minimum=1), None
+        )
+        cooldown = self.guard(lambda: self.number(f"{p}.cooldown", m.get("cooldown", 5.0)), None)
+        if failures is None or cooldown is None:
+            raise _Invalid()
+        return BreakerConfig(failures=failures, cooldown=cooldown)
 
     def base_url(self, value: Any) -> str:
         text = self.string("authlete.base_url", value)
@@ -449,7 +519,9 @@ class _Validator:
 
     def cache(self, raw: Any) -> CacheConfig:
         m = self.mapping(
-            "cache", raw, {"ttl", "negative_ttl", "max_entries", "negative_max_entries"}
+            "cache",
+            raw,
+            {"ttl", "negative_ttl", "max_entries", "negative_max_entries", "stale_if_error"},
         )
         g = self.guard
         ttl = g(lambda: self.number("cache.ttl", m.get("ttl", 60), exclusive=False), None)
@@ -469,10 +541,20 @@ class _Validator:
             ),
             None,
         )
-        if None in (ttl, neg, size, neg_size):
+        stale = g(
+            lambda: self.number(
+                "cache.stale_if_error", m.get("stale_if_error", 0), exclusive=False
+            ),
+            None,
+        )
+        if None in (ttl, neg, size, neg_size, stale):
             raise _Invalid()
         return CacheConfig(
-            ttl=ttl, negative_ttl=neg, max_entries=size, negative_max_entries=neg_size
+            ttl=ttl,
+            negative_ttl=neg,
+            max_entries=size,
+            negative_max_entries=neg_size,
+            stale_if_error=stale,
         )
 
     def headers(self, raw: Any) -> HeadersConfig:

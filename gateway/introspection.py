@@ -6,15 +6,17 @@ gateway turns into a 503: an unexpected answer is never an allowance.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import aiohttp
 
+from gateway.budget import Budget, CallFailed, Reply, TransportError
 from gateway.config import AuthleteConfig
+from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.introspection")
 
@@ -54,25 +56,43 @@ class Inactive(NamedTuple):
 Verdict = Active | Inactive
 
 
+# Outcomes after which a stale verdict may be served: Authlete could not give a verdict.
+STALE_OK = frozenset(
+    {"error", "timeout", "throttled", "budget", "breaker_open", "invalid_response"}
+)
+
+
 class IntrospectionError(Exception):
     """No verdict could be had.
 
     `outcome` is a bounded metric label; the message never holds the token.
     """
 
-    def __init__(self, outcome: str, detail: str) -> None:
+    def __init__(self, outcome: str, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
+        self.retry_after = retry_after
+
+    @property
+    def stale_ok(self) -> bool:
+        return self.outcome in STALE_OK
 
 
 class Introspector:
-    """Owns the pooled HTTP client used to reach Authlete."""
+    """Owns the pooled HTTP client used to reach Authlete; every call goes through the budget."""
 
-    def __init__(self, cfg: AuthleteConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        cfg: AuthleteConfig,
+        session: aiohttp.ClientSession,
+        budget: Budget,
+        metrics: Metrics,
+    ) -> None:
         self._url = cfg.introspection_url
         self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=cfg.timeout)
+        self._budget = budget
+        self._metrics = metrics
         self._headers = {
             "Authorization": f"Bearer {cfg.access_token}",
             "Content-Type": "application/json",
@@ -80,21 +100,63 @@ class Introspector:
         }
         self.credentials_rejected = False
 
-    async def introspect(self, token: str) -> Verdict:
+    async def introspect(
+        self, token: str, deadline: float, on_send: Callable[[], None] | None = None
+    ) -> Verdict:
+        """One verdict; `deadline` (monotonic) bounds waiting, the calls and their retries.
+
+        `on_send` is told when a call leaves (the budget granted it).
+        """
         body = json.dumps({"token": token}).encode()
+        metrics = self._metrics
+
+        async def send(timeout: float) -> Reply:
+            if on_send is not None:
+                on_send()
+            started = time.perf_counter()
+            try:
+                async with self._session.post(
+                    self._url,
+                    data=body,
+                    headers=self._headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as resp:
+                    payload = await _read_bounded(resp.content, MAX_BODY_BYTES)
+                    reply = Reply(resp.status, resp.headers, payload)
+            except TimeoutError:
+                metrics.introspections.labels("timeout").inc()
+                raise TransportError("timeout", "Authlete did not answer in time") from None
+            except aiohttp.ClientError as exc:
+                metrics.introspections.labels("error").inc()
+                raise TransportError(
+                    "error", f"Authlete unreachable: {type(exc).__name__}"
+                ) from None
+            except IntrospectionError as exc:  # an answer too large to read
+                metrics.introspections.labels(exc.outcome).inc()
+                raise
+            finally:
+                metrics.introspection_duration.observe(time.perf_counter() - started)
+            if reply.status == 429:
+                metrics.introspections.labels("throttled").inc()
+            elif reply.status >= 500:
+                metrics.introspections.labels("error").inc()
+            return reply
+
         try:
-            async with self._session.post(
-                self._url, data=body, headers=self._headers, timeout=self._timeout
-            ) as resp:
-                payload = await _read_bounded(resp.content, MAX_BODY_BYTES)
-                status = resp.status
-        except TimeoutError:
-            raise IntrospectionError("timeout", "Authlete did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            raise IntrospectionError(
-                "error", f"Authlete unreachable: {type(exc).__name__}"
-            ) from None
-        if status == 401:
+            reply = await self._budget.call(send, deadline)
+        except CallFailed as exc:
+            raise IntrospectionError(exc.outcome, exc.detail, exc.retry_after) from None
+        try:
+            verdict = self._judge(reply)
+        except IntrospectionError as exc:
+            metrics.introspections.labels(exc.outcome).inc()
+            raise
+        outcome = "ok" if isinstance(verdict, Active) else verdict.action.lower()
+        metrics.introspections.labels(outcome).inc()
+        return verdict
+
+    def _judge(self, reply: Reply) -> Verdict:
+        if reply.status == 401:
             if not self.credentials_rejected:
                 log.error(
                     "Authlete rejected the gateway's own access token (HTTP 401): "
@@ -103,11 +165,9 @@ class Introspector:
             self.credentials_rejected = True
             raise IntrospectionError("rejected", "Authlete rejected the gateway's credentials")
         self.credentials_rejected = False
-        if status == 429:
-            raise IntrospectionError("throttled", "Authlete rate limit reached")
-        if status != 200:
-            raise IntrospectionError("error", f"Authlete answered HTTP {status}")
-        return parse_answer(payload, time.time())
+        if reply.status != 200:
+            raise IntrospectionError("error", f"Authlete answered HTTP {reply.status}")
+        return parse_answer(reply.body, time.time())
 
 
 async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
@@ -175,8 +235,3 @@ def _header_safe(value: str) -> bool:
 
 def _invalid(detail: str) -> IntrospectionError:
     return IntrospectionError("invalid_response", f"unexpected Authlete answer: {detail}")
-
-
-async def close_quietly(session: aiohttp.ClientSession) -> None:
-    await session.close()
-    await asyncio.sleep(0)

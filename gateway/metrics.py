@@ -70,6 +70,37 @@ class Metrics:
             "Cache misses that joined an introspection call already in flight for their token.",
             registry=r,
         )
+        self.budget_tokens = Gauge(
+            "gateway_authlete_budget_tokens",
+            "Calls the Authlete token bucket would allow right now.",
+            registry=r,
+        )
+        self.budget_wait = Histogram(
+            "gateway_authlete_budget_wait_seconds",
+            "Time cache misses waited for Authlete call budget (only those that waited).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.budget_rejected = Counter(
+            "gateway_authlete_budget_rejected",
+            "Cache misses answered 503 without a call: wait_timeout (no budget within "
+            "max_wait) or breaker_open.",
+            ["reason"],
+            registry=r,
+        )
+        self.authlete_throttled = Counter(
+            "gateway_authlete_throttled", "HTTP 429 answers received from Authlete.", registry=r
+        )
+        self.authlete_retries = Counter(
+            "gateway_authlete_retries",
+            "Authlete calls retried after a connection error, timeout or 5xx.",
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "gateway_authlete_breaker_state",
+            "Circuit breaker for Authlete calls: 0 closed, 1 open, 2 half-open.",
+            registry=r,
+        )
         self.open_connections = Gauge(
             "gateway_open_connections", "Client connections open on the proxy listener.", registry=r
         )

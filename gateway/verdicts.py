@@ -8,25 +8,47 @@ from collections.abc import Awaitable, Callable
 
 from gateway.cache import VerdictCache, token_key
 from gateway.config import CacheConfig
-from gateway.introspection import Active, Verdict
+from gateway.introspection import Active, IntrospectionError, Verdict
 from gateway.metrics import Metrics
 
-Introspect = Callable[[str], Awaitable[Verdict]]
+# (token, monotonic deadline, called when the request goes on the wire) -> verdict;
+# raises IntrospectionError
+Introspect = Callable[[str, float, Callable[[], None]], Awaitable[Verdict]]
+
+
+class _Flight:
+    """One introspection in flight, and how many requests still wait on it."""
+
+    __slots__ = ("sent", "task", "waiters")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Verdict] | None = None
+        self.waiters = 0
+        self.sent = False
+
+    def on_send(self) -> None:
+        self.sent = True
 
 
 class Verdicts:
-    def __init__(self, cfg: CacheConfig, introspect: Introspect, metrics: Metrics) -> None:
+    def __init__(
+        self, cfg: CacheConfig, introspect: Introspect, metrics: Metrics, deadline: float
+    ) -> None:
         self._cfg = cfg
         self._introspect = introspect
         self._metrics = metrics
-        self.cache = VerdictCache(cfg.max_entries, cfg.negative_max_entries, cfg.negative_ttl)
-        self._inflight: dict[bytes, asyncio.Future[Verdict]] = {}
+        self._deadline = deadline
+        self.cache = VerdictCache(
+            cfg.max_entries, cfg.negative_max_entries, cfg.negative_ttl, cfg.stale_if_error
+        )
+        self._inflight: dict[bytes, _Flight] = {}
         self._hit = metrics.cache_requests.labels("hit")
         self._negative_hit = metrics.cache_requests.labels("negative_hit")
         self._miss = metrics.cache_requests.labels("miss")
+        self._stale = metrics.cache_requests.labels("stale")
 
     async def lookup(self, token: str) -> tuple[Verdict, str]:
-        """The verdict and the cache result (hit, negative_hit, miss).
+        """The verdict and the cache result (hit, negative_hit, miss, stale).
 
         Raises IntrospectionError when no verdict could be had; that is never cached.
         """
@@ -39,24 +61,47 @@ class Verdicts:
             self._negative_hit.inc()
             return verdict, "negative_hit"
         self._miss.inc()
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._fill(key, token))
-            self._inflight[key] = future
-            future.add_done_callback(lambda f: self._done(key, f))
+        flight = self._inflight.get(key)
+        if flight is None:
+            flight = _Flight()
+            deadline = time.monotonic() + self._deadline
+            task = asyncio.ensure_future(self._fill(key, token, deadline, flight.on_send))
+            flight.task = task
+            self._inflight[key] = flight
+            task.add_done_callback(lambda t: self._done(key, flight, t))
         else:
             self._metrics.coalesced.inc()
-        # shield: a client that goes away must not cancel the call others are waiting on.
-        return await asyncio.shield(future), "miss"
+            assert flight.task is not None
+            task = flight.task
+        flight.waiters += 1
+        try:
+            # shield: one client going away must not cancel the call others wait on...
+            return await asyncio.shield(task), "miss"
+        except IntrospectionError as exc:
+            stale = self.cache.get_stale(key) if exc.stale_ok else None
+            if stale is None:
+                raise
+            self._stale.inc()
+            return stale, "stale"
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.sent and not task.done():
+                # ...but when the last one has gone before the call went out, its place in
+                # the budget queue is given up. A call already sent is let finish and cached.
+                if self._inflight.get(key) is flight:
+                    del self._inflight[key]  # a newcomer starts afresh, not on a dying call
+                task.cancel()
 
-    def _done(self, key: bytes, future: asyncio.Future[Verdict]) -> None:
-        if self._inflight.get(key) is future:
+    def _done(self, key: bytes, flight: _Flight, task: asyncio.Task[Verdict]) -> None:
+        if self._inflight.get(key) is flight:
             del self._inflight[key]
-        if not future.cancelled():
-            future.exception()  # mark retrieved even when every waiter went away
+        if not task.cancelled():
+            task.exception()  # mark retrieved even when every waiter went away
 
-    async def _fill(self, key: bytes, token: str) -> Verdict:
-        verdict = await self._introspect(token)
+    async def _fill(
+        self, key: bytes, token: str, deadline: float, on_send: Callable[[], None]
+    ) -> Verdict:
+        verdict = await self._introspect(token, deadline, on_send)
         if isinstance(verdict, Active):
             ttl = min(self._cfg.ttl, verdict.expires_at - time.time())
             self.cache.put_active(key, verdict, ttl)

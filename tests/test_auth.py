@@ -308,7 +308,9 @@ async def test_authlete_unreachable_is_503(
     async with client.get(f"{gw.url}/orders", headers=bearer("tok")) as resp:
         assert resp.status == 503
     metrics = await _metrics(client, gw.admin_url)
-    assert metrics['gateway_introspection_requests_total{outcome="error"}'] == 1
+    # The first call and authlete.retries (default 2) retries, all failing.
+    assert metrics['gateway_introspection_requests_total{outcome="error"}'] == 3
+    assert metrics["gateway_authlete_retries_total"] == 2
 
 
 async def test_authlete_timeout_is_503(
@@ -320,7 +322,7 @@ async def test_authlete_timeout_is_503(
     async with client.get(f"{gw.url}/orders", headers=bearer("tok-slow")) as resp:
         assert resp.status == 503
     metrics = await _metrics(client, gw.admin_url)
-    assert metrics['gateway_introspection_requests_total{outcome="timeout"}'] == 1
+    assert metrics['gateway_introspection_requests_total{outcome="timeout"}'] == 3
 
 
 async def test_wrong_service_credentials_are_503_not_401(
@@ -461,7 +463,7 @@ async def test_a_shared_failure_fails_every_waiter_and_is_not_cached(
 ) -> None:
     emulator.add_token("tok-shared", scopes=["orders.read"])
     emulator.override = Override(status=500, delay=0.3, count=1)
-    gw = await start_gateway(routes(upstream))
+    gw = await start_gateway(routes(upstream), authlete={"retries": 0})
     async with aiohttp.ClientSession() as many:
 
         async def one() -> int:

@@ -1,0 +1,347 @@
+"""The budget for calls to Authlete: a token bucket that learns from Authlete's rate-limit
+headers and 429s, retries with backoff, and a circuit breaker.
+
+It knows nothing about access tokens or verdicts: it runs a `send(timeout)` callable and
+decides whether, when and how often. Authlete limits each service access token (about
+100 requests/s, bursts to 200); twenty sidecars sharing one token, or a cold start, meet
+that limit at once, so every call is budgeted and cache hits never wait here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import enum
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from gateway.config import AuthleteConfig
+from gateway.metrics import Metrics
+
+_EPOCH_THRESHOLD = 10**9  # a Reset above this is an epoch timestamp, else seconds from now
+_MAX_PAUSE = 300.0  # never believe a rate-limit header asking for more than five minutes
+_RETRY_BASE = 0.1
+_RETRY_CAP = 2.0
+_THROTTLE_BASE = 1.0
+_THROTTLE_CAP = 30.0
+
+
+class BreakerState(enum.IntEnum):
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class TransportError(Exception):
+    """The call got no HTTP answer. `outcome` is `timeout` or `error`."""
+
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+
+
+class CallFailed(Exception):
+    """No usable answer. `outcome` is a bounded metric label; `retry_after` a hint in seconds."""
+
+    def __init__(self, outcome: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+Send = Callable[[float], Awaitable[Reply]]
+
+
+class Budget:
+    def __init__(
+        self,
+        cfg: AuthleteConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        limit = cfg.rate_limit
+        self._configured_rate = limit.rate
+        self.rate = limit.rate
+        self.burst = float(limit.burst)
+        self.max_wait = limit.max_wait
+        self._timeout = cfg.timeout
+        self._retries = cfg.retries
+        self._failures_to_open = cfg.circuit_breaker.failures
+        self._cooldown = cfg.circuit_breaker.cooldown
+        self._clock = clock
+        self._wall = wall
+        self._jitter = jitter
+        self._metrics = metrics
+
+        now = clock()
+        self._tokens = self.burst
+        self._stamp = now
+        self._cap: float | None = None  # what X-RateLimit-Remaining says we have left...
+        self._cap_until = 0.0  # ...until X-RateLimit-Reset
+        self._paused_until = 0.0  # after a 429
+        self._throttle_streak = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._wakeup: asyncio.TimerHandle | None = None
+
+        self.state = BreakerState.CLOSED
+        self._consecutive_failures = 0
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    # ------------------------------------------------------------------ the bucket
+    @property
+    def tokens(self) -> float:
+        self._refill(self._clock())
+        if self._cap is not None:
+            return min(self._tokens, self._cap)
+        return self._tokens
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+        if self._cap is not None and now >= self._cap_until:
+            self._cap = None
+
+    def _delay_until_token(self, now: float) -> float:
+        """Seconds until one token can be taken (0 if one can be taken now)."""
+        self._refill(now)
+        wait = max(0.0, self._paused_until - now)
+        if self._cap is not None and self._cap < 1:
+            wait = max(wait, self._cap_until - now)
+        if self._tokens < 1:
+            wait = max(wait, (1 - self._tokens) / self.rate)
+        return wait
+
+    def _take(self) -> None:
+        self._tokens -= 1
+        if self._cap is not None:
+            self._cap -= 1
+
+    async def acquire(self, deadline: float) -> None:
+        """Wait for a token, first come first served, until `deadline` at the latest."""
+        now = self._clock()
+        if not self._waiters and self._delay_until_token(now) == 0:
+            self._take()
+            return
+        started = now
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        self._schedule()
+        give_up = loop.call_at(
+            loop.time() + max(0.0, min(deadline, now + self.max_wait) - now),
+            _expire,
+            waiter,
+        )
+        try:
+            await waiter
+        except BudgetTimeout:
+            self._metrics.budget_rejected.labels("wait_timeout").inc()
+            retry = max(1.0, self._delay_until_token(self._clock()))
+            raise CallFailed(
+                "budget", "no Authlete call budget within max_wait", retry_after=retry
+            ) from None
+        finally:
+            give_up.cancel()
+            if not waiter.done():
+                waiter.cancel()  # the client went away: give the place up
+            self._metrics.budget_wait.observe(self._clock() - started)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Hand tokens to waiters in order; arm a timer for when the next one is due."""
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        waiters = self._waiters
+        while waiters:
+            if waiters[0].done():  # timed out or cancelled: skip without using a token
+                waiters.popleft()
+                continue
+            delay = self._delay_until_token(self._clock())
+            if delay > 0:
+                loop = asyncio.get_running_loop()
+                self._wakeup = loop.call_later(delay, self._schedule)
+                return
+            self._take()
+            waiters.popleft().set_result(None)
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, headers: Mapping[str, str]) -> None:
+        """X-RateLimit-Limit/-Remaining/-Reset from any Authlete answer; garbage is ignored."""
+        now = self._clock()
+        limit = _number(headers.get("X-RateLimit-Limit"))
+        if limit is not None and 0 < limit < self._configured_rate:
+            self._refill(now)
+            self.rate = limit
+        elif limit is not None and limit >= self._configured_rate:
+            self.rate = self._configured_rate
+        remaining = _number(headers.get("X-RateLimit-Remaining"))
+        reset = self._reset_in(headers.get("X-RateLimit-Reset"), now)
+        if remaining is not None and remaining >= 0 and reset is not None:
+            self._refill(now)
+            self._cap = math.floor(remaining)
+            self._cap_until = now + reset
+
+    def _reset_in(self, value: str | None, now: float) -> float | None:
+        seconds = _number(value)
+        if seconds is None or seconds < 0:
+            return None
+        if seconds > _EPOCH_THRESHOLD:
+            seconds = seconds - self._wall()
+            if seconds < 0:
+                return 0.0
+        return min(seconds, _MAX_PAUSE)
+
+    def throttled(self, headers: Mapping[str, str]) -> float:
+        """A 429: pause every call. Returns the pause in seconds."""
+        now = self._clock()
+        pause = _retry_after(headers.get("Retry-After"), self._wall())
+        if pause is None:
+            pause = self._reset_in(headers.get("X-RateLimit-Reset"), now)
+        if pause is None or pause <= 0:
+            backoff = min(_THROTTLE_CAP, _THROTTLE_BASE * 2**self._throttle_streak)
+            pause = backoff * (0.5 + self._jitter() / 2)
+        self._throttle_streak += 1
+        self._paused_until = max(self._paused_until, now + min(pause, _MAX_PAUSE))
+        self._metrics.authlete_throttled.inc()
+        return self._paused_until - now
+
+    # ------------------------------------------------------------------ the breaker
+    def _gate(self) -> bool:
+        """Raise if the breaker refuses the call; True if this call is the half-open probe."""
+        if self.state is BreakerState.CLOSED:
+            return False
+        now = self._clock()
+        if self.state is BreakerState.OPEN and now - self._opened_at >= self._cooldown:
+            self._set_state(BreakerState.HALF_OPEN)
+        if self.state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+            self._probe_in_flight = True
+            return True
+        self._metrics.budget_rejected.labels("breaker_open").inc()
+        retry = max(1.0, self._cooldown - (now - self._opened_at))
+        raise CallFailed("breaker_open", "Authlete circuit breaker is open", retry_after=retry)
+
+    def _succeeded(self) -> None:
+        self._consecutive_failures = 0
+        if self.state is not BreakerState.CLOSED:
+            self._set_state(BreakerState.CLOSED)
+
+    def _failed(self) -> None:
+        self._consecutive_failures += 1
+        if self.state is BreakerState.HALF_OPEN or (
+            self.state is BreakerState.CLOSED
+            and self._consecutive_failures >= self._failures_to_open
+        ):
+            self._opened_at = self._clock()
+            self._set_state(BreakerState.OPEN)
+
+    def _set_state(self, state: BreakerState) -> None:
+        self.state = state
+        self._metrics.breaker_state.set(int(state))
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BreakerState.CLOSED
+
+    # ------------------------------------------------------------------ one budgeted call
+    async def call(self, send: Send, deadline: float) -> Reply:
+        """Run `send` within the budget, retrying transient failures until `deadline`.
+
+        Returns the first answer that is neither a 429 nor a 5xx; raises CallFailed.
+        """
+        attempt = 0
+        while True:
+            probe = self._gate()
+            try:
+                reply, failure = await self._attempt(send, deadline)
+            finally:
+                if probe:
+                    self._probe_in_flight = False
+            if reply is not None:
+                return reply
+            assert failure is not None
+            now = self._clock()
+            if failure.outcome == "throttled":
+                if failure.retry_after is not None and now + failure.retry_after < deadline:
+                    continue  # acquire() waits out the pause
+                raise failure
+            if attempt >= self._retries or self.state is not BreakerState.CLOSED:
+                raise failure
+            delay = min(_RETRY_CAP, _RETRY_BASE * 2**attempt) * (0.5 + self._jitter() / 2)
+            if now + delay + 0.01 >= deadline:
+                raise failure
+            attempt += 1
+            self._metrics.authlete_retries.inc()
+            await asyncio.sleep(delay)
+
+    async def _attempt(self, send: Send, deadline: float) -> tuple[Reply | None, CallFailed | None]:
+        await self.acquire(deadline)
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            return None, CallFailed("budget", "deadline passed waiting for budget", 1.0)
+        try:
+            reply = await send(min(self._timeout, remaining))
+        except TransportError as exc:
+            self._failed()
+            return None, CallFailed(exc.outcome, str(exc))
+        self.learn(reply.headers)
+        if reply.status == 429:
+            pause = self.throttled(reply.headers)
+            return None, CallFailed("throttled", "Authlete rate limit reached", retry_after=pause)
+        self._throttle_streak = 0
+        if reply.status >= 500:
+            self._failed()
+            return None, CallFailed("error", f"Authlete answered HTTP {reply.status}")
+        self._succeeded()  # any other answer means Authlete is up
+        return reply, None
+
+
+class BudgetTimeout(Exception):
+    pass
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(BudgetTimeout())
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _retry_after(value: str | None, now_wall: float) -> float | None:
+    """Retry-After: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return seconds if seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now_wall)
