@@ -23,7 +23,7 @@ from yarl import URL
 
 from gateway import bearer
 from gateway.budget import Budget
-from gateway.config import Config, Route
+from gateway.config import Config, ConfigError, Route, load_config
 from gateway.decision import (
     BAD_GATEWAY,
     GATEWAY_TIMEOUT,
@@ -52,19 +52,12 @@ class Gateway:
         self, cfg: Config, metrics: Metrics | None = None, reuse_port: bool = False
     ) -> None:
         self.cfg = cfg
+        self.plan = Plan(cfg)
         self.reuse_port = reuse_port
         self.metrics = metrics if metrics is not None else Metrics()
-        self.router = Router(cfg.routes)
-        self.decider = Decider(cfg.realm)
-        self.header_policy = HeaderPolicy(cfg.headers)
-        self._timeouts = {
-            r.name: aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout)
-            for r in cfg.routes
-        }
         self.ready = False
         self.budget = Budget(cfg.authlete, self.metrics)
-        budget = self.budget
-        self.metrics.budget_tokens.set_function(lambda: budget.tokens)
+        self.metrics.budget_tokens.set_function(lambda: self.budget.tokens)
         self._request_ids = RequestIds()
         self._access_log = AccessLog() if cfg.log.access else None
         self._runner: web.ServerRunner | None = None
@@ -180,7 +173,8 @@ class Gateway:
             bad_path = denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
             return self._deny(ex, bad_path)
         ex.path = target.path
-        route = self.router.match(ex.method, target.path)
+        plan = self.plan  # one config for the whole request, even across a reload
+        route = plan.router.match(ex.method, target.path)
         if route is None:
             return self._deny(ex, NOT_FOUND)
         ex.route = route.name
@@ -188,10 +182,10 @@ class Gateway:
         identity: Active | None = None
         if route.auth_required:
             token = bearer.extract(
-                request.headers.getall("Authorization", ()), self.cfg.max_token_bytes
+                request.headers.getall("Authorization", ()), plan.cfg.max_token_bytes
             )
             if isinstance(token, bearer.NoToken):
-                return self._deny(ex, self.decider.no_token(token))
+                return self._deny(ex, plan.decider.no_token(token))
             try:
                 verdict, ex.cache = await self.verdicts.lookup(token)
             except IntrospectionError as exc:
@@ -200,33 +194,35 @@ class Gateway:
                 return self._deny(ex, _unavailable(exc.retry_after))
             if isinstance(verdict, Active):
                 ex.identity = verdict
-            refused = self.decider.check(verdict, route.scopes)
+            refused = plan.decider.check(verdict, route.scopes)
             if refused is not None:
                 return self._deny(ex, refused)
             identity = ex.identity
 
-        return await self._forward(request, ex, route, target.forward, identity)
+        return await self._forward(request, ex, plan, route, target.forward, identity)
 
     async def _forward(
         self,
         request: web.BaseRequest,
         ex: Exchange,
+        plan: Plan,
         route: Route,
         path_and_query: str,
         identity: Active | None,
     ) -> web.StreamResponse:
         assert self._upstream_session is not None
-        headers = self.header_policy.upstream_headers(request, identity)
+        headers = plan.header_policy.upstream_headers(request, identity)
         headers["X-Request-Id"] = ex.request_id
         url = URL(route.upstream.origin + path_and_query, encoded=True)
         ex.upstream_started = time.perf_counter()
+        self.metrics.overhead.labels(route.name).observe(ex.upstream_started - ex.started)
         try:
             response = await forward(
                 request,
                 self._upstream_session,
                 url,
                 headers,
-                self._timeouts[route.name],
+                plan.timeouts[route.name],
                 ex.request_id,
             )
         except UpstreamError as exc:
@@ -235,7 +231,9 @@ class Gateway:
             return self._deny(ex, GATEWAY_TIMEOUT if exc.kind == "timeout" else BAD_GATEWAY)
         finally:
             ex.upstream_seconds = time.perf_counter() - ex.upstream_started
+            self.metrics.upstream_duration.labels(route.name).observe(ex.upstream_seconds)
         ex.status = response.status
+        self.metrics.count_upstream(route.name, response.status)
         return response
 
     def _deny(self, ex: Exchange, refused: Denial) -> web.Response:
@@ -283,13 +281,54 @@ class Gateway:
             }
         )
 
+    # ------------------------------------------------------------------ reload
+    def reload(self, path: str) -> bool:
+        """SIGHUP: a valid file replaces routes, headers, cache and Authlete settings for new
+        requests, atomically; an invalid one leaves the running config alone."""
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config reload rejected: %s", problem)
+            self.metrics.reloads.labels("error").inc()
+            return False
+        old = self.cfg
+        for key in ("listen", "admin_listen"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning(
+                    "config reload: %s changed to %s; restart to apply", key, getattr(new, key)
+                )
+        self.cfg = new
+        self.plan = Plan(new)
+        if self._verdicts is not None:
+            if new.cache != old.cache:
+                self._verdicts.reconfigure(new.cache)
+            if new.authlete != old.authlete:
+                self._connect_authlete(new)
+        if new.log.access != old.log.access:
+            if self._access_log is not None:
+                self._access_log.flush()
+            self._access_log = AccessLog() if new.log.access else None
+        logging.getLogger().setLevel(new.log.level.upper())
+        self.metrics.reloads.labels("success").inc()
+        log.info("config reloaded: %d routes", len(new.routes))
+        return True
+
+    def _connect_authlete(self, cfg: Config) -> None:
+        """A new budget and client for new Authlete settings; calls in flight finish on the old."""
+        assert self._authlete_session is not None and self._verdicts is not None
+        self.budget = Budget(cfg.authlete, self.metrics)
+        self._introspector = Introspector(
+            cfg.authlete, self._authlete_session, self.budget, self.metrics
+        )
+        self._verdicts.use(self._introspector.introspect, cfg.authlete.deadline)
+
     async def _probe_while_unhealthy(self) -> None:
         """Let the breaker close (and readiness return) without waiting for client traffic,
         which an orchestrator has routed away from a not-ready replica."""
-        assert self._introspector is not None
-        interval = max(0.5, self.cfg.authlete.circuit_breaker.cooldown / 2)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.5, self.cfg.authlete.circuit_breaker.cooldown / 2))
+            assert self._introspector is not None
             if self.budget.ready and not self._introspector.credentials_rejected:
                 continue
             probe = "gateway-probe-" + os.urandom(16).hex()  # unknown: UNAUTHORIZED if alive
@@ -353,6 +392,22 @@ class _Server(web.Server):
         return _Protocol(self, loop=self._loop, **self._kwargs)
 
 
+class Plan:
+    """Everything a request reads from the config, built once per (re)load."""
+
+    __slots__ = ("cfg", "decider", "header_policy", "router", "timeouts")
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.router = Router(cfg.routes)
+        self.decider = Decider(cfg.realm)
+        self.header_policy = HeaderPolicy(cfg.headers)
+        self.timeouts = {
+            r.name: aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout)
+            for r in cfg.routes
+        }
+
+
 class Exchange:
     """What one request has learnt on its way through; read once, by `_account`."""
 
@@ -398,19 +453,21 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return int(addresses[0][1]) if addresses else 0
 
 
-async def serve(cfg: Config, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+async def serve(cfg: Config, path: str | None = None, reuse_port: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads `path`."""
     gateway = Gateway(cfg, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if path is not None:
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload, path)
     try:
         await gateway.start()
     except OSError as exc:
         await gateway.stop()
         raise SystemExit(f"gateway: cannot listen: {exc.strerror or exc}") from None
     await stop.wait()
-    log.info("signal received: draining for up to %gs", cfg.shutdown_timeout)
+    log.info("signal received: draining for up to %gs", gateway.cfg.shutdown_timeout)
     await gateway.stop()
     log.info("stopped")

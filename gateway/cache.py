@@ -87,6 +87,21 @@ class VerdictCache:
         self._active.pop(key, None)
         self._negative[key] = verdict
 
+    def reconfigure(
+        self, max_entries: int, negative_max_entries: int, negative_ttl: float, stale: float
+    ) -> None:
+        self._max = max_entries
+        while len(self._active) > max_entries:
+            self._evict_one()
+        self._stale_for = stale
+        if (negative_max_entries, negative_ttl) != (self._negative.maxsize, self._negative_ttl):
+            # Negative entries live seconds at most: starting that store afresh is cheap.
+            self._evictions += self._negative.evictions  # the counter must not go back
+            self._negative = _CountingTTLCache(
+                maxsize=negative_max_entries, ttl=max(negative_ttl, 1e-9), timer=self._clock
+            )
+            self._negative_ttl = negative_ttl
+
     def _evict_one(self) -> None:
         # Oldest first; an expired head entry is the best victim, and in a FIFO of
         # near-uniform TTLs the head is also the entry closest to expiry.

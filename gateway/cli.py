@@ -134,11 +134,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import serve
 
     _setup_logging(cfg.log.level)
+    path = str(args.config)
     if args.workers == 1:
-        return _run_loop(serve(cfg), args.loop)
+        return _run_loop(serve(cfg, path), args.loop)
     from gateway.workers import supervise
 
-    return supervise(args.workers, lambda _index: _run_loop(serve(cfg, reuse_port=True), args.loop))
+    return supervise(
+        args.workers, lambda _index: _run_loop(serve(cfg, path, reuse_port=True), args.loop)
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -41,6 +41,27 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "The gateway's own share of a forwarded request: from its arrival until the "
+            "upstream is called (routing, token check, cache, introspection).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests",
+            "Responses received from upstreams, by route and upstream status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Upstream exchange, from the call until the response body was relayed.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "gateway_upstream_errors",
             "Upstream failures by kind (refused, reset, timeout, protocol).",
@@ -104,9 +125,16 @@ class Metrics:
         self.open_connections = Gauge(
             "gateway_open_connections", "Client connections open on the proxy listener.", registry=r
         )
+        self.reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads (SIGHUP) by result: success, error (the old config stays).",
+            ["result"],
+            registry=r,
+        )
         build = Gauge("gateway_build_info", "Build information.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._upstream_children: dict[tuple[str, int], Counter] = {}
 
     def count_request(self, route: str, method: str, status: int) -> None:
         if method not in KNOWN_METHODS:
@@ -116,6 +144,14 @@ class Metrics:
         if child is None:
             child = self.requests.labels(route, method, str(status))
             self._request_children[key] = child
+        child.inc()
+
+    def count_upstream(self, route: str, status: int) -> None:
+        key = (route, status)
+        child = self._upstream_children.get(key)
+        if child is None:
+            child = self.upstream_requests.labels(route, str(status))
+            self._upstream_children[key] = child
         child.inc()
 
     def watch_cache(self, entries: Callable[[], int], evictions: Callable[[], int]) -> None:

@@ -109,6 +109,18 @@ class Verdicts:
             self.cache.put_negative(key, verdict)
         return verdict
 
+    def reconfigure(self, cfg: CacheConfig) -> None:
+        """New cache settings from a reload; active entries are kept (bounded anew)."""
+        self._cfg = cfg
+        self.cache.reconfigure(
+            cfg.max_entries, cfg.negative_max_entries, cfg.negative_ttl, cfg.stale_if_error
+        )
+
+    def use(self, introspect: Introspect, deadline: float) -> None:
+        """New Authlete settings from a reload; calls already in flight finish as they were."""
+        self._introspect = introspect
+        self._deadline = deadline
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)
