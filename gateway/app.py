@@ -49,11 +49,16 @@ class Gateway:
     """One gateway process: the proxy listener, the admin listener and their shared state."""
 
     def __init__(
-        self, cfg: Config, metrics: Metrics | None = None, reuse_port: bool = False
+        self,
+        cfg: Config,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+        admin_socket: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.plan = Plan(cfg)
         self.reuse_port = reuse_port
+        self.admin_socket = admin_socket
         self.metrics = metrics if metrics is not None else Metrics()
         self.ready = False
         self.budget = Budget(cfg.authlete, self.metrics)
@@ -115,20 +120,20 @@ class Gateway:
         admin.router.add_get("/metrics", self._metrics)
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
-        await web.TCPSite(
-            self._admin_runner,
-            cfg.admin_listen.host,
-            cfg.admin_listen.port,
-            reuse_port=self.reuse_port or None,
-        ).start()
-        self.admin_port = _bound_port(self._admin_runner)
+        if self.admin_socket is not None:  # a worker of --workers: the supervisor asks here
+            await web.UnixSite(self._admin_runner, self.admin_socket).start()
+        else:
+            await web.TCPSite(
+                self._admin_runner, cfg.admin_listen.host, cfg.admin_listen.port
+            ).start()
+            self.admin_port = _bound_port(self._admin_runner)
         self.ready = True
+        admin_at = self.admin_socket or f"{cfg.admin_listen.host}:{self.admin_port}"
         log.info(
-            "listening: proxy %s:%d, admin %s:%d, %d routes",
+            "listening: proxy %s:%d, admin %s, %d routes",
             cfg.listen.host,
             self.proxy_port,
-            cfg.admin_listen.host,
-            self.admin_port,
+            admin_at,
             len(cfg.routes),
         )
 
@@ -453,9 +458,14 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return int(addresses[0][1]) if addresses else 0
 
 
-async def serve(cfg: Config, path: str | None = None, reuse_port: bool = False) -> None:
+async def serve(
+    cfg: Config,
+    path: str | None = None,
+    reuse_port: bool = False,
+    admin_socket: str | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads `path`."""
-    gateway = Gateway(cfg, reuse_port=reuse_port)
+    gateway = Gateway(cfg, reuse_port=reuse_port, admin_socket=admin_socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -43,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive_int,
         default=1,
-        help="processes sharing the listeners via SO_REUSEPORT (default 1)",
+        help="processes sharing the proxy listener via SO_REUSEPORT (default 1)",
     )
+    # Used by the supervisor of --workers for each worker; not for people.
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--admin-socket", help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and summarise its routes")
@@ -136,12 +139,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(cfg.log.level)
     path = str(args.config)
     if args.workers == 1:
-        return _run_loop(serve(cfg, path), args.loop)
+        return run_loop(
+            serve(cfg, path, reuse_port=args.reuse_port, admin_socket=args.admin_socket),
+            args.loop,
+        )
     from gateway.workers import supervise
 
-    return supervise(
-        args.workers, lambda _index: _run_loop(serve(cfg, path, reuse_port=True), args.loop)
-    )
+    return supervise(cfg, path, args.workers, args.loop)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -156,7 +160,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     tokens = args.tokens or str(resources.files("gateway") / "data" / "demo-tokens.yaml")
     _setup_logging(cfg.log.level)
-    return _run_loop(run_demo(cfg, tokens), args.loop)
+    return run_loop(run_demo(cfg, tokens), args.loop)
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
@@ -168,7 +172,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     rate = (args.rate, args.burst) if args.rate else None
     _setup_logging()
-    return _run_loop(
+    return run_loop(
         run_emulator(
             host.strip("[]"),
             int(port),
@@ -183,7 +187,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     )
 
 
-def _run_loop(main: Coroutine[Any, Any, int | None], loop: str) -> int:
+def run_loop(main: Coroutine[Any, Any, int | None], loop: str) -> int:
     factory = None
     if loop in ("auto", "uvloop"):
         try:

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 _FLUSH_INTERVAL = 0.1
 _FLUSH_BYTES = 64 * 1024
+_PIPE_BUF = 4096
 _MAX_REQUEST_ID = 128
 _REQUEST_ID_CHARS = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._:+/="
@@ -35,6 +36,12 @@ class RequestIds:
         return f"{self._prefix}-{next(self._counter):x}"
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _sane(value: str) -> bool:
     return all(c in _REQUEST_ID_CHARS for c in value)
 
@@ -42,6 +49,11 @@ def _sane(value: str) -> bool:
 class AccessLog:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream if stream is not None else sys.stdout
+        try:
+            self._stream.flush()
+            self._fd: int | None = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            self._fd = None  # not a real file (captured in tests): use the stream
         self._lines: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -65,7 +77,21 @@ class AccessLog:
             return
         lines, self._lines, self._size = self._lines, [], 0
         try:
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+            if self._fd is None:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+                return
+            # Several workers share one stdout pipe: each write() is whole lines and at
+            # most PIPE_BUF bytes, so the kernel never interleaves two workers' lines.
+            chunk: list[bytes] = []
+            size = 0
+            for line in lines:
+                data = line.encode("utf-8", "backslashreplace") + b"\n"
+                if size + len(data) > _PIPE_BUF and chunk:
+                    _write_all(self._fd, b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(data)
+                size += len(data)
+            _write_all(self._fd, b"".join(chunk))
         except (OSError, ValueError):
             pass  # stdout gone (closed pipe): losing access lines must not stop the proxy

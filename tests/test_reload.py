@@ -56,7 +56,7 @@ async def test_sighup_applies_a_valid_file_and_refuses_an_invalid_one(
     port, admin_port = _free_port(), _free_port()
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(_config(emulator.base_url, upstream, port, admin_port)))
-    proc = subprocess.Popen(  # noqa: ASYNC220  (starting it does not block; we poll over HTTP)
+    proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "run", "-c", str(path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

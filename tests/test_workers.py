@@ -1,0 +1,185 @@
+"""`gateway run --workers N`: one listener, N processes, one admin view of the group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from gateway.workers import merge_expositions
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Group:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin: int) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin = f"http://127.0.0.1:{admin}"
+
+
+@pytest.fixture
+async def group(tmp_path: Path, upstream: str) -> AsyncIterator[Group]:
+    port, admin = _free_port(), _free_port()
+    cfg = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin}",
+        "log": {"access": False},
+        "authlete": {"base_url": "http://127.0.0.1:9", "service_id": "1", "access_token": "x"},
+        "routes": [{"name": "pub", "path_prefix": "/", "upstream": upstream, "auth": "none"}],
+    }
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "-c", str(path), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    g = Group(proc, port, admin)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(150):
+                try:
+                    async with session.get(f"{g.admin}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("worker group never became ready")
+        yield g
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+async def _metrics(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
+    async with session.get(f"{admin}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_metrics_cover_the_whole_group(group: Group) -> None:
+    n = 60
+    # A fresh connection per request so the kernel spreads them over both workers.
+    for _ in range(n):
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+            s.get(f"{group.url}/x") as resp,
+        ):
+            assert resp.status == 200
+    async with aiohttp.ClientSession() as session:
+        metrics = await _metrics(session, group.admin)
+        served = metrics['gateway_requests_total{method="GET",route="pub",status="200"}']
+        assert served == n  # every worker's share, added up
+        assert metrics['gateway_request_duration_seconds_count{route="pub"}'] == n
+        assert metrics['gateway_build_info{version="0.1.0"}'] == 1  # not summed
+        # SIGHUP reaches every worker: two successful reloads.
+        group.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        reloads = 0.0
+        while reloads < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            metrics = await _metrics(session, group.admin)
+            reloads = metrics.get('gateway_config_reloads_total{result="success"}', 0)
+        assert reloads == 2
+
+
+async def test_sigterm_drains_the_group_and_exits_0(group: Group) -> None:
+    async with aiohttp.ClientSession() as session, session.get(f"{group.url}/x") as resp:
+        assert resp.status == 200
+    group.proc.send_signal(signal.SIGTERM)
+    _, err = group.proc.communicate(timeout=30)
+    assert group.proc.returncode == 0
+    assert err.decode().count("stopped") == 2
+    assert "Traceback" not in err.decode()
+
+
+async def test_a_dead_worker_is_replaced(group: Group) -> None:
+    children = subprocess.run(
+        ["pgrep", "-P", str(group.proc.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    if not children:
+        pytest.skip("pgrep unavailable")
+    await asyncio.sleep(2.5)  # past the minimum uptime that counts as a real start
+    os.kill(int(children[0]), signal.SIGKILL)
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 15
+        healthy_again = False
+        seen_unhealthy = False
+        while time.monotonic() < deadline:
+            async with session.get(f"{group.admin}/healthz") as resp:
+                if resp.status != 200:
+                    seen_unhealthy = True
+                elif seen_unhealthy:
+                    healthy_again = True
+                    break
+            await asyncio.sleep(0.05)
+        assert seen_unhealthy and healthy_again
+        async with session.get(f"{group.url}/x") as resp:
+            assert resp.status == 200
+
+
+def test_merge_adds_counters_and_histograms_and_keeps_max_gauges() -> None:
+    one = """# HELP gateway_requests_total r
+# TYPE gateway_requests_total counter
+gateway_requests_total{route="a",status="200"} 3.0
+# HELP gateway_authlete_breaker_state b
+# TYPE gateway_authlete_breaker_state gauge
+gateway_authlete_breaker_state 1.0
+# HELP gateway_overhead_seconds o
+# TYPE gateway_overhead_seconds histogram
+gateway_overhead_seconds_bucket{le="0.1",route="a"} 1.0
+gateway_overhead_seconds_bucket{le="+Inf",route="a"} 2.0
+gateway_overhead_seconds_count{route="a"} 2.0
+gateway_overhead_seconds_sum{route="a"} 0.5
+"""
+    two = one.replace("} 3.0", "} 4.0").replace("state 1.0", "state 0.0")
+    merged = {m.name: m for m in merge_expositions([one, two])}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for m in merged.values()
+        for s in m.samples
+    }
+    assert samples[("gateway_requests_total", (("route", "a"), ("status", "200")))] == 7
+    assert samples[("gateway_authlete_breaker_state", ())] == 1
+    assert samples[("gateway_overhead_seconds_bucket", (("le", "+Inf"), ("route", "a")))] == 4
+    assert samples[("gateway_overhead_seconds_sum", (("route", "a"),))] == 1.0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+async def test_group_metrics_pass_promtool(group: Group) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{group.url}/x") as resp:
+            assert resp.status == 200
+        async with session.get(f"{group.admin}/metrics") as resp:
+            text = await resp.read()
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
