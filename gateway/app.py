@@ -12,11 +12,12 @@ import logging
 import math
 import os
 import signal
+import ssl
 import time
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
@@ -36,8 +37,9 @@ from gateway.decision import (
 from gateway.introspection import Active, IntrospectionError, Introspector
 from gateway.logs import AccessLog, RequestIds
 from gateway.metrics import NO_ROUTE, Metrics
-from gateway.proxy import HeaderPolicy, UpstreamError, forward
+from gateway.proxy import BodyGuard, HeaderPolicy, UpstreamError, forward
 from gateway.routing import PathError, Router, parse_target
+from gateway.tls import TLSError, load_server_certificates, server_context, upstream_context
 from gateway.verdicts import Verdicts
 
 log = logging.getLogger("gateway")
@@ -71,6 +73,7 @@ class Gateway:
         self._upstream_session: aiohttp.ClientSession | None = None
         self._introspector: Introspector | None = None
         self._prober: asyncio.Future[None] | None = None
+        self._tls: ssl.SSLContext | None = None
         self._verdicts: Verdicts | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -84,7 +87,9 @@ class Gateway:
             trust_env=False,
         )
         self._upstream_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30, ssl=upstream_context(cfg.upstream_tls)
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             trust_env=False,
@@ -99,8 +104,20 @@ class Gateway:
         verdicts = self._verdicts
         self.metrics.watch_cache(lambda: len(verdicts.cache), lambda: verdicts.cache.evictions)
 
-        server = _Server(self.handle, handler_cancellation=True, access_log=None)
+        limits = cfg.limits
+        server = _Server(
+            self.handle,
+            handler_cancellation=True,
+            access_log=None,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            keepalive_timeout=limits.idle_timeout,
+        )
+        server.gateway = self
         self.metrics.open_connections.set_function(lambda: len(server.connections))
+        if cfg.tls is not None:
+            self._tls = server_context(cfg.tls)
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=cfg.shutdown_timeout
         )
@@ -111,6 +128,7 @@ class Gateway:
             cfg.listen.port,
             backlog=1024,
             reuse_port=self.reuse_port or None,
+            ssl_context=self._tls,
         ).start()
         self.proxy_port = _bound_port(self._runner)
 
@@ -160,12 +178,17 @@ class Gateway:
     # ------------------------------------------------------------------ the request path
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ex = Exchange(self._request_ids.take(request.headers.get("X-Request-Id")), request.method)
+        protocol = request.protocol
+        assert isinstance(protocol, _Protocol)
+        protocol.request_started()
         try:
             response = await self._decide_and_forward(request, ex)
         except BaseException:
             ex.status = 499  # the client went away (handler cancelled), or a bug of ours
             self._account(request, ex, None)
             raise
+        finally:
+            protocol.request_finished()
         self._account(request, ex, response)
         return response
 
@@ -183,6 +206,13 @@ class Gateway:
         if route is None:
             return self._deny(ex, NOT_FOUND)
         ex.route = route.name
+        headers = request.headers
+        if "Transfer-Encoding" in headers and not _plain_chunked(request):
+            # Only a single "chunked" is unambiguous; anything else is refused, never
+            # passed on for an upstream to read differently (request smuggling).
+            return self._deny(ex, _BAD_FRAMING, close=True)
+        if route.max_body_bytes and (request.content_length or 0) > route.max_body_bytes:
+            return self._deny(ex, _TOO_LARGE, close=True)
 
         identity: Active | None = None
         if route.auth_required:
@@ -219,6 +249,11 @@ class Gateway:
         headers = plan.header_policy.upstream_headers(request, identity)
         headers["X-Request-Id"] = ex.request_id
         url = URL(route.upstream.origin + path_and_query, encoded=True)
+        body = (
+            BodyGuard(request.content, route.max_body_bytes, plan.cfg.limits.idle_timeout)
+            if request.body_exists
+            else None
+        )
         ex.upstream_started = time.perf_counter()
         self.metrics.overhead.labels(route.name).observe(ex.upstream_started - ex.started)
         try:
@@ -229,8 +264,13 @@ class Gateway:
                 headers,
                 plan.timeouts[route.name],
                 ex.request_id,
+                body,
             )
         except UpstreamError as exc:
+            if body is not None and body.too_large:
+                return self._deny(ex, _TOO_LARGE, close=True)
+            if body is not None and body.stalled:
+                return self._deny(ex, _BODY_TIMEOUT, close=True)
             self.metrics.upstream_errors.labels(route.name, exc.kind).inc()
             log.warning("upstream %s for route %s: %s", route.upstream.origin, route.name, exc.kind)
             return self._deny(ex, GATEWAY_TIMEOUT if exc.kind == "timeout" else BAD_GATEWAY)
@@ -241,10 +281,12 @@ class Gateway:
         self.metrics.count_upstream(route.name, response.status)
         return response
 
-    def _deny(self, ex: Exchange, refused: Denial) -> web.Response:
+    def _deny(self, ex: Exchange, refused: Denial, close: bool = False) -> web.Response:
         response = web.Response(
             status=refused.status, body=refused.body, content_type="application/json"
         )
+        if close:
+            response.force_close()
         headers = response.headers
         headers["Cache-Control"] = _NO_STORE
         headers["Pragma"] = "no-cache"
@@ -303,6 +345,17 @@ class Gateway:
                 log.warning(
                     "config reload: %s changed to %s; restart to apply", key, getattr(new, key)
                 )
+        if self._tls is not None and new.tls is not None:
+            try:
+                load_server_certificates(self._tls, new.tls)
+            except TLSError as exc:
+                log.error("config reload rejected: %s", exc)
+                self.metrics.reloads.labels("error").inc()
+                return False
+        elif (new.tls is None) != (old.tls is None):
+            log.warning("config reload: tls switched on or off; restart to apply")
+        if new.upstream_tls != old.upstream_tls or new.limits != old.limits:
+            log.warning("config reload: upstream_tls and limits apply after a restart")
         self.cfg = new
         self.plan = Plan(new)
         if self._verdicts is not None:
@@ -362,9 +415,85 @@ class Gateway:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _raw_answer(status: int, reason: str, error: str, description: str) -> bytes:
+    body = json.dumps({"error": error, "error_description": description}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_REFUSED = _raw_answer(
+    503, "Service Unavailable", "temporarily_unavailable", "Too many connections; try again."
+)
+_HEADER_TIMEOUT = _raw_answer(
+    408, "Request Timeout", "request_timeout", "The request headers took too long."
+)
+
+
 class _Protocol(RequestHandler):
-    """aiohttp's own error answers quote the offending request bytes (which may be an
-    Authorization header) in the body and the log; ours name only the kind of error."""
+    """One client connection: aiohttp's, plus the gateway's own limits and error answers.
+
+    aiohttp's error answers quote the offending request bytes (which may be an
+    Authorization header) in the body and the log; ours name only the kind of error.
+    """
+
+    gateway: Gateway
+    _head_timer: asyncio.TimerHandle | None = None
+    _in_request = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if (
+            manager is not None
+            and len(manager.connections) > self.gateway.cfg.limits.max_connections
+        ):
+            self.gateway.metrics.connections_refused.inc()
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(_REFUSED)
+            transport.close()
+            return
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._in_request:
+            self._arm_head_timer()
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        # A slowloris sends a request head a byte at a time: the whole head must arrive
+        # within header_timeout of its first byte (or of the connection, for the first).
+        loop = asyncio.get_running_loop()
+        self._head_timer = loop.call_later(
+            self.gateway.cfg.limits.header_timeout, self._head_timed_out
+        )
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is not None and not self._in_request:
+            self.gateway.metrics.header_timeouts.inc()
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(_HEADER_TIMEOUT)
+            transport.close()
+
+    def request_started(self) -> None:
+        self._in_request = True
+        self._disarm()
+
+    def request_finished(self) -> None:
+        self._in_request = False
 
     def handle_error(
         self,
@@ -376,6 +505,9 @@ class _Protocol(RequestHandler):
         if isinstance(exc, HttpProcessingError):
             log.info("malformed request from %s: %s", request.remote, type(exc).__name__)
             error, description = "invalid_request", "The request is not valid HTTP."
+            if isinstance(exc, LineTooLong) or "Too many headers" in str(exc):
+                status = 431
+                error, description = "invalid_request", "The request headers are too large."
         else:
             # A bug of ours: keep the traceback (our exceptions never carry a token).
             log.error("request handler failed", exc_info=exc)
@@ -393,8 +525,12 @@ class _Protocol(RequestHandler):
 
 
 class _Server(web.Server):
+    gateway: Gateway
+
     def __call__(self) -> RequestHandler:
-        return _Protocol(self, loop=self._loop, **self._kwargs)
+        protocol = _Protocol(self, loop=self._loop, **self._kwargs)
+        protocol.gateway = self.gateway
+        return protocol
 
 
 class Plan:
@@ -406,7 +542,7 @@ class Plan:
         self.cfg = cfg
         self.router = Router(cfg.routes)
         self.decider = Decider(cfg.realm)
-        self.header_policy = HeaderPolicy(cfg.headers)
+        self.header_policy = HeaderPolicy(cfg.headers, cfg.trusted_proxies)
         self.timeouts = {
             r.name: aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout)
             for r in cfg.routes
@@ -440,6 +576,16 @@ class Exchange:
         self.identity: Active | None = None
         self.upstream_started = 0.0
         self.upstream_seconds: float | None = None
+
+
+_BAD_FRAMING = denial(400, "invalid_request", "Only Transfer-Encoding: chunked is accepted.")
+_TOO_LARGE = denial(413, "request_too_large", "The request body exceeds this route's limit.")
+_BODY_TIMEOUT = denial(408, "request_timeout", "The request body stopped arriving.")
+
+
+def _plain_chunked(request: web.BaseRequest) -> bool:
+    values = request.headers.getall("Transfer-Encoding")
+    return request.version >= (1, 1) and len(values) == 1 and values[0].strip().lower() == "chunked"
 
 
 def _unavailable(retry_after: float | None) -> Denial:
@@ -477,6 +623,9 @@ async def serve(
     except OSError as exc:
         await gateway.stop()
         raise SystemExit(f"gateway: cannot listen: {exc.strerror or exc}") from None
+    except TLSError as exc:
+        await gateway.stop()
+        raise SystemExit(f"gateway: {exc}") from None
     await stop.wait()
     log.info("signal received: draining for up to %gs", gateway.cfg.shutdown_timeout)
     await gateway.stop()

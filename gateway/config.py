@@ -49,6 +49,10 @@ _RESERVED_HEADERS = HOP_BY_HOP | {
 _TCHAR = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token (NQCHAR)
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9._~-]+$")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Nothing is trusted unless listed: a peer's X-Forwarded-Proto/-Host and similar claims
+# are replaced by what the gateway itself saw.
+DEFAULT_TRUSTED_PROXIES: tuple[str, ...] = ()
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -91,6 +95,7 @@ class Route:
     auth_required: bool
     scopes: tuple[str, ...]
     timeout: float
+    max_body_bytes: int = 0  # 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,7 @@ class AuthleteConfig:
     retries: int = 2
     circuit_breaker: BreakerConfig = BreakerConfig()
     deadline: float = 5.0
+    allow_insecure_http: bool = False
 
     @property
     def introspection_url(self) -> str:
@@ -139,6 +145,31 @@ class HeadersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10_000
+    max_body_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    client_auth: str = "none"  # none | optional | required
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLSConfig:
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     access: bool = True
@@ -157,6 +188,10 @@ class Config:
     headers: HeadersConfig
     routes: tuple[Route, ...]
     log: LogConfig = LogConfig()
+    limits: LimitsConfig = LimitsConfig()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    tls: TLSConfig | None = None
+    upstream_tls: UpstreamTLSConfig = UpstreamTLSConfig()
 
 
 # --------------------------------------------------------------------------- reading
@@ -337,6 +372,10 @@ class _Validator:
                     "headers",
                     "routes",
                     "log",
+                    "limits",
+                    "trusted_proxies",
+                    "tls",
+                    "upstream_tls",
                 },
             ),
             None,
@@ -366,8 +405,24 @@ class _Validator:
         authlete = g(lambda: self.authlete(top.get("authlete")), None)
         cache = g(lambda: self.cache(top.get("cache")), None)
         headers = g(lambda: self.headers(top.get("headers")), None)
-        routes = g(lambda: self.routes(top.get("routes"), upstream_timeout or 30.0), None)
+        limits = g(lambda: self.limits(top.get("limits")), None)
+        routes = g(
+            lambda: self.routes(
+                top.get("routes"),
+                upstream_timeout or 30.0,
+                limits.max_body_bytes if limits is not None else 0,
+            ),
+            None,
+        )
         log_cfg = g(lambda: self.log(top.get("log")), None)
+        trusted = g(
+            lambda: self.networks(
+                "trusted_proxies", top.get("trusted_proxies", list(DEFAULT_TRUSTED_PROXIES))
+            ),
+            None,
+        )
+        tls = g(lambda: self.tls(top.get("tls")), False)
+        upstream_tls = g(lambda: self.upstream_tls(top.get("upstream_tls")), None)
         if (
             listen is not None
             and admin is not None
@@ -390,7 +445,118 @@ class _Validator:
             headers=headers,
             routes=routes,
             log=log_cfg,
+            limits=limits,
+            trusted_proxies=trusted,
+            tls=tls,
+            upstream_tls=upstream_tls,
         )
+
+    def limits(self, raw: Any) -> LimitsConfig:
+        p = "limits"
+        m = self.mapping(
+            p,
+            raw,
+            {
+                "max_header_bytes",
+                "max_headers",
+                "header_timeout",
+                "idle_timeout",
+                "max_connections",
+                "max_body_bytes",
+            },
+        )
+        d = LimitsConfig()
+        g = self.guard
+
+        def integer(key: str, minimum: int) -> Any:
+            value = m.get(key, getattr(d, key))
+            return g(lambda: self.integer(f"{p}.{key}", value, minimum=minimum), None)
+
+        def seconds(key: str) -> Any:
+            return g(lambda: self.number(f"{p}.{key}", m.get(key, getattr(d, key))), None)
+
+        values = {
+            "max_header_bytes": integer("max_header_bytes", 1024),
+            "max_headers": integer("max_headers", 8),
+            "header_timeout": seconds("header_timeout"),
+            "idle_timeout": seconds("idle_timeout"),
+            "max_connections": integer("max_connections", 1),
+            "max_body_bytes": integer("max_body_bytes", 0),
+        }
+        if None in values.values():
+            raise _Invalid()
+        return LimitsConfig(**values)
+
+    def networks(self, path: str, value: Any) -> tuple[IPNetwork, ...]:
+        if not isinstance(value, list):
+            raise self.fail(path, "must be a list of CIDR ranges")
+        out = []
+        for i, item in enumerate(value):
+            text = self.string(f"{path}[{i}]", item)
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise self.fail(f"{path}[{i}]", f"not a CIDR range: {text!r}") from None
+        return tuple(out)
+
+    def readable_file(self, path: str, value: Any) -> str:
+        text = self.string(path, value)
+        if not os.path.isfile(text) or not os.access(text, os.R_OK):
+            raise self.fail(path, f"cannot read file {text!r}")
+        return text
+
+    def tls(self, raw: Any) -> TLSConfig | None:
+        if raw is None:
+            return None
+        p = "tls"
+        m = self.mapping(
+            p, raw, {"cert_file", "key_file", "client_ca_file", "client_auth", "min_version"}
+        )
+        g = self.guard
+        for key in ("cert_file", "key_file"):
+            if key not in m:
+                self.problems.append(f"{p}.{key}: is required")
+        cert = (
+            g(lambda: self.readable_file(f"{p}.cert_file", m["cert_file"]), None)
+            if "cert_file" in m
+            else None
+        )
+        key_file = (
+            g(lambda: self.readable_file(f"{p}.key_file", m["key_file"]), None)
+            if "key_file" in m
+            else None
+        )
+        ca: Any = None
+        if m.get("client_ca_file") is not None:
+            ca = g(lambda: self.readable_file(f"{p}.client_ca_file", m["client_ca_file"]), False)
+        mode = g(lambda: self.string(f"{p}.client_auth", m.get("client_auth", "none")), None)
+        if mode is not None and mode not in ("none", "optional", "required"):
+            self.problems.append(f'{p}.client_auth: must be "none", "optional" or "required"')
+            mode = None
+        if mode in ("optional", "required") and ca is None:
+            self.problems.append(f"{p}.client_ca_file: is required with client_auth: {mode}")
+            mode = None
+        version = g(lambda: str(self.string(f"{p}.min_version", m.get("min_version", "1.2"))), None)
+        if version is not None and version not in ("1.2", "1.3"):
+            self.problems.append(f'{p}.min_version: must be "1.2" or "1.3"')
+            version = None
+        if cert is None or key_file is None or ca is False or mode is None or version is None:
+            raise _Invalid()
+        return TLSConfig(cert, key_file, ca, mode, version)
+
+    def upstream_tls(self, raw: Any) -> UpstreamTLSConfig:
+        p = "upstream_tls"
+        m = self.mapping(p, raw, {"ca_file", "insecure_skip_verify"})
+        ca: Any = None
+        if m.get("ca_file") is not None:
+            ca = self.guard(lambda: self.readable_file(f"{p}.ca_file", m["ca_file"]), False)
+        skip = self.guard(
+            lambda: self.boolean(f"{p}.insecure_skip_verify", m.get("insecure_skip_verify", False)),
+            None,
+        )
+        if ca is False or skip is None:
+            raise _Invalid()
+        return UpstreamTLSConfig(ca_file=ca, insecure_skip_verify=skip)
 
     def boolean(self, path: str, value: Any) -> bool:
         value = self.subst(path, value)
@@ -432,6 +598,7 @@ class _Validator:
                 "retries",
                 "circuit_breaker",
                 "deadline",
+                "allow_insecure_http",
             },
         )
         for key in ("base_url", "service_id", "access_token"):
@@ -465,6 +632,18 @@ class _Validator:
         deadline = self.guard(
             lambda: self.number("authlete.deadline", m.get("deadline", 5.0)), None
         )
+        insecure = self.guard(
+            lambda: self.boolean(
+                "authlete.allow_insecure_http", m.get("allow_insecure_http", False)
+            ),
+            None,
+        )
+        if isinstance(base_url, str) and base_url.startswith("http://") and insecure is False:
+            self.problems.append(
+                "authlete.base_url: must be https (the access token and every client token "
+                "cross this link); set authlete.allow_insecure_http: true for a local emulator"
+            )
+            base_url = None
         if None in (base_url, service_id, token, timeout, limits, retries, breaker, deadline):
             raise _Invalid()
         return AuthleteConfig(
@@ -476,6 +655,7 @@ class _Validator:
             retries=retries,
             circuit_breaker=breaker,
             deadline=deadline,
+            allow_insecure_http=bool(insecure),
         )
 
     def rate_limit(self, raw: Any) -> RateLimitConfig:
@@ -582,7 +762,7 @@ class _Validator:
             raise _Invalid()
         return HeadersConfig(**names)
 
-    def routes(self, raw: Any, default_timeout: float) -> tuple[Route, ...]:
+    def routes(self, raw: Any, default_timeout: float, max_body: int) -> tuple[Route, ...]:
         if raw is None:
             raise self.fail("routes", "at least one route is required")
         if not isinstance(raw, list):
@@ -592,7 +772,7 @@ class _Validator:
         routes: list[Route | None] = []
         for i, item in enumerate(raw):
             try:
-                routes.append(self.route(i, item, default_timeout))
+                routes.append(self.route(i, item, default_timeout, max_body))
             except _Invalid:
                 routes.append(None)
         names: set[str] = set()
@@ -606,10 +786,21 @@ class _Validator:
             raise _Invalid()
         return tuple(r for r in routes if r is not None)
 
-    def route(self, index: int, raw: Any, default_timeout: float) -> Route:
+    def route(self, index: int, raw: Any, default_timeout: float, max_body: int) -> Route:
         p = f"routes[{index}]"
         m = self.mapping(
-            p, raw, {"name", "path_prefix", "methods", "upstream", "auth", "scopes", "timeout"}
+            p,
+            raw,
+            {
+                "name",
+                "path_prefix",
+                "methods",
+                "upstream",
+                "auth",
+                "scopes",
+                "timeout",
+                "max_body_bytes",
+            },
         )
         if not m and raw is None:
             raise self.fail(p, "must be a mapping")
@@ -638,11 +829,17 @@ class _Validator:
             self.problems.append(f"{p}.scopes: not allowed with auth: none")
             scopes = None
         timeout = g(lambda: self.number(f"{p}.timeout", m.get("timeout", default_timeout)), None)
+        body = g(
+            lambda: self.integer(
+                f"{p}.max_body_bytes", m.get("max_body_bytes", max_body), minimum=0
+            ),
+            None,
+        )
         name = g(lambda: self.string(f"{p}.name", m.get("name", prefix or f"route{index}")), None)
         if name is not None and not re.match(r"^[A-Za-z0-9._/:~-]+$", name):
             self.problems.append(f"{p}.name: use letters, digits and ._/:~-")
             name = None
-        if None in (prefix, upstream, auth, scopes, timeout, name) or methods is False:
+        if None in (prefix, upstream, auth, scopes, timeout, body, name) or methods is False:
             raise _Invalid()
         return Route(
             name=name,
@@ -652,6 +849,7 @@ class _Validator:
             auth_required=auth == "required",
             scopes=scopes,
             timeout=timeout,
+            max_body_bytes=body,
         )
 
     def path_prefix(self, path: str, value: Any) -> str:

@@ -130,6 +130,17 @@ class Metrics:
             "Circuit breaker for Authlete calls: 0 closed, 1 open, 2 half-open.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "Client connections refused (503) because limits.max_connections were open.",
+            registry=r,
+        )
+        self.header_timeouts = Counter(
+            "gateway_header_timeouts",
+            "Client connections closed (408) for not sending request headers within "
+            "limits.header_timeout.",
+            registry=r,
+        )
         self.open_connections = Gauge(
             "gateway_open_connections", "Client connections open on the proxy listener.", registry=r
         )

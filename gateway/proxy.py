@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
-from gateway.config import HOP_BY_HOP, HeadersConfig
+from gateway.config import HOP_BY_HOP, HeadersConfig, IPNetwork
 from gateway.introspection import Active
 
 log = logging.getLogger("gateway.proxy")
@@ -20,6 +22,21 @@ _X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
 _X_FORWARDED_HOST = istr("X-Forwarded-Host")
 # Set by the proxy itself; a client's copy is never passed on.
 _REPLACED = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect", "content-length"})
+# Forwarding claims dropped from untrusted peers (X-Forwarded-For is extended, see below).
+_FORWARDING = frozenset(
+    {
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-original-uri",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-real-ip",
+        "forwarded",
+    }
+)
 # Headers the HTTP client must not invent: the upstream sees the client's own.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
@@ -42,20 +59,42 @@ def connection_tokens(values: Iterable[str]) -> frozenset[str]:
 
 
 class HeaderPolicy:
-    """What goes upstream: the client's end-to-end headers minus anything that claims identity."""
+    """What goes upstream: the client's end-to-end headers minus anything that claims identity,
+    and forwarding headers believed only from trusted proxies."""
 
-    def __init__(self, names: HeadersConfig) -> None:
+    def __init__(self, names: HeadersConfig, trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
         self.subject = names.subject
         self.scopes = names.scopes
         self.client_id = names.client_id
         self._identity = frozenset(_fold(n) for n in (names.subject, names.scopes, names.client_id))
         self._drop_request = HOP_BY_HOP | _REPLACED
+        self._drop_untrusted = self._drop_request | _FORWARDING
+        self._trusted_networks = trusted_proxies
+        self._trusted: dict[str, bool] = {}
+
+    def trusts(self, peer: str | None) -> bool:
+        if not peer:
+            return False
+        known = self._trusted.get(peer)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in net for net in self._trusted_networks)
+            if len(self._trusted) > 4096:
+                self._trusted.clear()  # bounded; recomputing is cheap
+            self._trusted[peer] = known
+        return known
 
     def upstream_headers(
         self, request: web.BaseRequest, identity: Active | None
     ) -> CIMultiDict[str]:
         inbound = request.headers
-        drop = self._drop_request
+        peer = request.remote or ""
+        trusted = self.trusts(peer)
+        drop = self._drop_request if trusted else self._drop_untrusted
         listed = (
             connection_tokens(inbound.getall("Connection", ())) if "Connection" in inbound else None
         )
@@ -70,12 +109,20 @@ class HeaderPolicy:
             out.add(name, value)
         if "Content-Length" in inbound and "Transfer-Encoding" not in inbound:
             out["Content-Length"] = inbound["Content-Length"]
+        # X-Forwarded-For: the chain as received plus the peer we saw, so its last entry
+        # is always a fact; nothing here ever decides anything on the earlier entries.
         prior = inbound.getall(_X_FORWARDED_FOR, ())
-        peer = request.remote or ""
         out.popall(_X_FORWARDED_FOR, None)
         out[_X_FORWARDED_FOR] = ", ".join([*prior, peer]) if prior else peer
-        out[_X_FORWARDED_PROTO] = request.scheme
-        host = inbound.get("Host")
+        if trusted:
+            # A proxy we trust terminated the client's connection: its view of the
+            # scheme and host is the real one.
+            out[_X_FORWARDED_PROTO] = inbound.get(_X_FORWARDED_PROTO) or request.scheme
+            host = inbound.get(_X_FORWARDED_HOST) or inbound.get("Host")
+        else:
+            # Anyone else could claim any scheme or host: only what we saw goes on.
+            out[_X_FORWARDED_PROTO] = request.scheme
+            host = inbound.get("Host")
         if host:
             out[_X_FORWARDED_HOST] = host
         if identity is not None:
@@ -111,6 +158,40 @@ class _PassThrough(web.StreamResponse):
             self.headers.popall("Content-Type", None)
 
 
+class BodyGuard:
+    """The client's body as it streams upstream, held to the route's size limit and to the
+    idle timeout (a client that stops sending mid-body cannot hold a connection forever)."""
+
+    __slots__ = ("_idle", "_limit", "_stream", "stalled", "too_large")
+
+    def __init__(self, stream: aiohttp.StreamReader, limit: int, idle: float) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._idle = idle
+        self.too_large = False
+        self.stalled = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = 0
+        while True:
+            try:
+                chunk = await asyncio.wait_for(self._stream.readany(), self._idle)
+            except TimeoutError:
+                self.stalled = True
+                raise BodyRefused("client body stalled") from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if self._limit and total > self._limit:
+                self.too_large = True
+                raise BodyRefused("client body too large")
+            yield chunk
+
+
+class BodyRefused(Exception):
+    pass
+
+
 async def forward(
     request: web.BaseRequest,
     session: aiohttp.ClientSession,
@@ -118,6 +199,7 @@ async def forward(
     headers: CIMultiDict[str],
     timeout: aiohttp.ClientTimeout,
     request_id: str,
+    body: BodyGuard | None,
 ) -> web.StreamResponse:
     """Stream the request to `url` and the answer back.
 
@@ -127,13 +209,12 @@ async def forward(
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         # The token is good: let the client send its body now instead of after its own timeout.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    data = request.content if request.body_exists else None
     try:
         upstream = await session.request(
             request.method,
             url,
             headers=headers,
-            data=data,
+            data=body,
             allow_redirects=False,
             timeout=timeout,
             skip_auto_headers=SKIP_AUTO_HEADERS,
@@ -144,7 +225,7 @@ async def forward(
         raise UpstreamError("refused") from None
     except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError):
         raise UpstreamError("protocol") from None
-    except (aiohttp.ClientError, OSError):
+    except (aiohttp.ClientError, OSError, BodyRefused):
         raise UpstreamError("reset") from None
     try:
         response = _PassThrough(status=upstream.status, reason=upstream.reason)

@@ -62,6 +62,7 @@ def make_config(authlete_url: str, routes: list[dict[str, Any]], **overrides: An
         "realm": "test",
         "authlete": {
             "base_url": authlete_url,
+            "allow_insecure_http": True,  # the emulator speaks plain HTTP on loopback
             "service_id": SERVICE_ID,
             "access_token": SERVICE_TOKEN,
             "timeout": 2.0,

@@ -45,6 +45,7 @@ VALID: dict[str, Any] = {
     "realm": "cli-test",
     "authlete": {
         "base_url": "http://127.0.0.1:18400",
+        "allow_insecure_http": True,
         "service_id": "715948317",
         "access_token": "${CLI_TEST_TOKEN:-emulator-access-token}",
     },
@@ -358,6 +359,7 @@ def _served(
         # never called: the only route is auth: none
         "authlete": {
             "base_url": "http://127.0.0.1:9",
+            "allow_insecure_http": True,
             "service_id": "715948317",
             "access_token": "unused",
         },
@@ -553,7 +555,12 @@ async def test_run_port_in_use_no_traceback(tmp_path: Path) -> None:
         config = {
             "listen": f"127.0.0.1:{port}",
             "admin_listen": f"127.0.0.1:{_free_port()}",
-            "authlete": {"base_url": "http://127.0.0.1:9", "service_id": "s", "access_token": "t"},
+            "authlete": {
+                "base_url": "http://127.0.0.1:9",
+                "allow_insecure_http": True,
+                "service_id": "s",
+                "access_token": "t",
+            },
             "routes": [{"path_prefix": "/", "upstream": "http://127.0.0.1:9", "auth": "none"}],
         }
         path = _write(tmp_path, config)

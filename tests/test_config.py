@@ -193,7 +193,8 @@ def test_values_normalised() -> None:
     text = """\
 listen: "[::]:8443"
 admin_listen: "127.0.0.1:0"
-authlete: {base_url: "http://127.0.0.1:18400", service_id: s, access_token: t}
+authlete:
+  {base_url: "http://127.0.0.1:18400", allow_insecure_http: true, service_id: s, access_token: t}
 routes:
   - {name: a, path_prefix: /, upstream: "http://[::1]:9000", methods: [get, Post]}
   - {name: b, path_prefix: /b, upstream: "HTTP://Example.COM"}
@@ -216,6 +217,7 @@ routes:
 BASE: dict[str, Any] = {
     "authlete": {
         "base_url": "http://127.0.0.1:18400",
+        "allow_insecure_http": True,
         "service_id": "715948317",
         "access_token": "tok",
     },
@@ -683,6 +685,7 @@ def test_non_mapping_file(text: str) -> None:
 AUTH_ENV = """\
 authlete:
   base_url: "http://127.0.0.1:18400"
+  allow_insecure_http: true
   service_id: "715948317"
   access_token: "{token}"
 routes:
@@ -744,6 +747,7 @@ def test_env_in_list_items_and_route_fields() -> None:
     text = """\
 authlete:
   base_url: "${AUTHLETE_URL:-http://127.0.0.1:18400}"
+  allow_insecure_http: true
   service_id: "${SERVICE_ID}"
   access_token: tok
 routes:
@@ -795,6 +799,7 @@ shutdown_timeout: ${SHUTDOWN_TIMEOUT:-7}
 max_token_bytes: "${MAX_TOKEN_BYTES}"
 authlete:
   base_url: "http://127.0.0.1:18400"
+  allow_insecure_http: true
   service_id: "715948317"
   access_token: tok
   timeout: "${AUTHLETE_TIMEOUT:-2}"
@@ -878,3 +883,18 @@ def test_load_config_not_utf8(tmp_path: Path) -> None:
         load_config(path, env={})
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith("config: ")
+
+
+def test_authlete_base_url_must_be_https_unless_explicitly_allowed() -> None:
+    text = """\
+authlete: {base_url: "http://authlete.example", service_id: s, access_token: t}
+routes: [{path_prefix: /, upstream: "http://u:1"}]
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("authlete.base_url: must be https")
+    allowed = text.replace("access_token: t}", "access_token: t, allow_insecure_http: true}")
+    assert parse_config(allowed, env={}).authlete.allow_insecure_http is True
+    https = text.replace("http://authlete", "https://authlete")
+    assert parse_config(https, env={}).authlete.base_url == "https://authlete.example"

@@ -32,6 +32,7 @@ def _config(authlete: str, upstream: str, port: int, admin: int, **extra: Any) -
         "admin_listen": f"127.0.0.1:{admin}",
         "authlete": {
             "base_url": authlete,
+            "allow_insecure_http": True,
             "service_id": SERVICE_ID,
             "access_token": SERVICE_TOKEN,
         },

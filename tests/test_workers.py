@@ -42,7 +42,12 @@ async def group(tmp_path: Path, upstream: str) -> AsyncIterator[Group]:
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin}",
         "log": {"access": False},
-        "authlete": {"base_url": "http://127.0.0.1:9", "service_id": "1", "access_token": "x"},
+        "authlete": {
+            "base_url": "http://127.0.0.1:9",
+            "allow_insecure_http": True,
+            "service_id": "1",
+            "access_token": "x",
+        },
         "routes": [{"name": "pub", "path_prefix": "/", "upstream": upstream, "auth": "none"}],
     }
     path = tmp_path / "g.yaml"
