@@ -627,6 +627,10 @@ async def serve(
         await gateway.stop()
         raise SystemExit(f"gateway: {exc}") from None
     await stop.wait()
+    gateway.ready = False  # /readyz says 503 at once, so load balancers stop sending
+    if gateway.cfg.drain_delay > 0:
+        log.info("signal received: serving %gs more while readiness turns", gateway.cfg.drain_delay)
+        await asyncio.sleep(gateway.cfg.drain_delay)
     log.info("signal received: draining for up to %gs", gateway.cfg.shutdown_timeout)
     await gateway.stop()
     log.info("stopped")

@@ -182,6 +182,7 @@ class Config:
     realm: str
     upstream_timeout: float
     shutdown_timeout: float
+    drain_delay: float
     max_token_bytes: int
     authlete: AuthleteConfig
     cache: CacheConfig
@@ -366,6 +367,7 @@ class _Validator:
                     "realm",
                     "upstream_timeout",
                     "shutdown_timeout",
+                    "drain_delay",
                     "max_token_bytes",
                     "authlete",
                     "cache",
@@ -397,6 +399,9 @@ class _Validator:
                 "shutdown_timeout", top.get("shutdown_timeout", 10), exclusive=False
             ),
             None,
+        )
+        drain_delay = g(
+            lambda: self.number("drain_delay", top.get("drain_delay", 0), exclusive=False), None
         )
         max_token = g(
             lambda: self.integer("max_token_bytes", top.get("max_token_bytes", 4096), minimum=16),
@@ -439,6 +444,7 @@ class _Validator:
             realm=realm,
             upstream_timeout=upstream_timeout,
             shutdown_timeout=shutdown_timeout,
+            drain_delay=drain_delay,
             max_token_bytes=max_token,
             authlete=authlete,
             cache=cache,
