@@ -514,6 +514,8 @@ class _Protocol(RequestHandler):
             error, description = "server_error", "The gateway failed to handle the request."
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
+        # Never reached the handler: counted here, without a route or a trusted method.
+        self.gateway.metrics.count_request(NO_ROUTE, "OTHER", status)
         response = web.Response(
             status=status,
             body=json.dumps({"error": error, "error_description": description}).encode(),
