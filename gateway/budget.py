@@ -94,6 +94,7 @@ class Budget:
         self._cap_until = 0.0  # ...until X-RateLimit-Reset
         self._paused_until = 0.0  # after a 429
         self._throttle_streak = 0
+        self._in_flight = 0  # sent, not answered: Authlete may not have counted them yet
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._wakeup: asyncio.TimerHandle | None = None
 
@@ -125,6 +126,10 @@ class Budget:
             wait = max(wait, self._cap_until - now)
         if self._tokens < 1:
             wait = max(wait, (1 - self._tokens) / self.rate)
+        if self._in_flight >= self.burst:
+            # A burst's worth is out and unanswered: network delays bunch calls up on
+            # Authlete's side, so wait for answers (each one reschedules; this is a fallback).
+            wait = max(wait, 0.05)
         return wait
 
     def _take(self) -> None:
@@ -132,8 +137,9 @@ class Budget:
         if self._cap is not None:
             self._cap -= 1
 
-    async def acquire(self, deadline: float) -> None:
-        """Wait for a token, first come first served, until `deadline` at the latest."""
+    async def acquire(self, deadline: float, patient: bool = False) -> None:
+        """Wait for a token, first come first served, at most `max_wait` (or, when `patient`,
+        after a 429 whose pause the request's deadline allows, until `deadline`)."""
         now = self._clock()
         if not self._waiters and self._delay_until_token(now) == 0:
             self._take()
@@ -144,7 +150,8 @@ class Budget:
         self._waiters.append(waiter)
         self._schedule()
         give_up = loop.call_at(
-            loop.time() + max(0.0, min(deadline, now + self.max_wait) - now),
+            loop.time()
+            + max(0.0, (deadline if patient else min(deadline, now + self.max_wait)) - now),
             _expire,
             waiter,
         )
@@ -195,7 +202,8 @@ class Budget:
         reset = self._reset_in(headers.get("X-RateLimit-Reset"), now)
         if remaining is not None and remaining >= 0 and reset is not None:
             self._refill(now)
-            self._cap = math.floor(remaining)
+            # Calls still in flight were sent after this answer was counted.
+            self._cap = max(0, math.floor(remaining) - self._in_flight)
             self._cap_until = now + reset
 
     def _reset_in(self, value: str | None, now: float) -> float | None:
@@ -266,10 +274,11 @@ class Budget:
         Returns the first answer that is neither a 429 nor a 5xx; raises CallFailed.
         """
         attempt = 0
+        patient = False
         while True:
             probe = self._gate()
             try:
-                reply, failure = await self._attempt(send, deadline)
+                reply, failure = await self._attempt(send, deadline, patient)
             finally:
                 if probe:
                     self._probe_in_flight = False
@@ -279,7 +288,8 @@ class Budget:
             now = self._clock()
             if failure.outcome == "throttled":
                 if failure.retry_after is not None and now + failure.retry_after < deadline:
-                    continue  # acquire() waits out the pause
+                    patient = True  # acquire() waits out the pause, past max_wait if need be
+                    continue
                 raise failure
             if attempt >= self._retries or self.state is not BreakerState.CLOSED:
                 raise failure
@@ -290,16 +300,32 @@ class Budget:
             self._metrics.authlete_retries.inc()
             await asyncio.sleep(delay)
 
-    async def _attempt(self, send: Send, deadline: float) -> tuple[Reply | None, CallFailed | None]:
-        await self.acquire(deadline)
+    async def _attempt(
+        self, send: Send, deadline: float, patient: bool
+    ) -> tuple[Reply | None, CallFailed | None]:
+        await self.acquire(deadline, patient)
         remaining = deadline - self._clock()
         if remaining <= 0:
             return None, CallFailed("budget", "deadline passed waiting for budget", 1.0)
+        self._in_flight += 1
         try:
             reply = await send(min(self._timeout, remaining))
         except TransportError as exc:
+            self._in_flight -= 1
             self._failed()
             return None, CallFailed(exc.outcome, str(exc))
+        except BaseException:
+            self._in_flight -= 1
+            raise
+        else:
+            # Learn before anyone else may go: this answer can say the budget is spent.
+            self._in_flight -= 1
+            return self._judge(reply)
+        finally:
+            if self._waiters:
+                self._schedule()
+
+    def _judge(self, reply: Reply) -> tuple[Reply | None, CallFailed | None]:
         self.learn(reply.headers)
         if reply.status == 429:
             pause = self.throttled(reply.headers)

@@ -82,9 +82,9 @@ class VerdictCache:
         self._active[key] = (self._clock() + ttl, verdict)
 
     def put_negative(self, key: bytes, verdict: Inactive) -> None:
+        self._active.pop(key, None)  # also ends any stale window: never serve it again
         if self._negative_ttl <= 0:
             return
-        self._active.pop(key, None)
         self._negative[key] = verdict
 
     def reconfigure(
