@@ -6,16 +6,16 @@ statuses are integers, outcomes are enums. No token, subject or path is ever a l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway import __version__
@@ -30,6 +30,104 @@ NO_ROUTE = "(none)"
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Counter(Collector):
+    """A counter for the request path: no lock (one event loop per process owns it), and
+    children cached by label values, so an increment is a dict lookup and an addition."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+        registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self._name = name
+        self._doc = documentation
+        self._labelnames = list(labelnames)
+        self._children: dict[tuple[str, ...], _CounterChild] = {}
+        if not labelnames:
+            self._children[()] = _CounterChild()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _CounterChild()
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._children[()].value += amount
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        return [family]
+
+
+class Histogram(Collector):
+    """A histogram for the request path, on the same terms as Counter."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+        buckets: Sequence[float], registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self._name = name
+        self._doc = documentation
+        self._labelnames = list(labelnames)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        if not labelnames:
+            self._children[()] = _HistogramChild(self._bounds)
+        registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HistogramChild(self._bounds)
+        return child
+
+    def observe(self, value: float) -> None:
+        self._children[()].observe(value)
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in self._children.items():
+            running = 0
+            buckets = []
+            for bound, count in zip(self._bounds, child.counts, strict=False):
+                running += count
+                buckets.append((_le(bound), float(running)))
+            running += child.counts[-1]
+            buckets.append(("+Inf", float(running)))
+            family.add_metric(list(values), buckets, child.sum)
+        return [family]
+
+
+def _le(bound: float) -> str:
+    return repr(bound)
 
 
 class Metrics:
@@ -152,8 +250,8 @@ class Metrics:
         )
         build = Gauge("gateway_build_info", "Build information.", ["version"], registry=r)
         build.labels(__version__).set(1)
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
-        self._upstream_children: dict[tuple[str, int], Counter] = {}
+        self._request_children: dict[tuple[str, str, int], _CounterChild] = {}
+        self._upstream_children: dict[tuple[str, int], _CounterChild] = {}
 
     def count_request(self, route: str, method: str, status: int) -> None:
         if method not in KNOWN_METHODS:
