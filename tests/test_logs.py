@@ -93,3 +93,26 @@ async def test_access_log_can_be_switched_off(
         assert resp.status == 200
     await asyncio.sleep(0.3)
     assert _lines(capsys.readouterr().out) == []
+
+
+async def test_lines_stay_valid_json_for_hostile_values(
+    emulator: Emulator,
+    upstream: str,
+    start_gateway: StartGateway,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    subject = 'a"b\\c ü \u2028 </script>'
+    emulator.add_token("tok-odd", subject=subject, scopes=["r"])
+    gw = await start_gateway(_routes(upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /orders HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer tok-odd\r\n\r\n"
+        b'GET /pub"lic/\\x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n'
+    )
+    await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await asyncio.sleep(0.3)
+    lines = _lines(capsys.readouterr().out)
+    assert [line["status"] for line in lines] == [200, 400]
+    assert lines[0]["subject"] == subject
+    assert lines[1]["path"].startswith("/pub")
