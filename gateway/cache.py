@@ -8,12 +8,27 @@ evicts the entries of real users.
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 from collections.abc import Callable
 
 import cachetools
 
 from gateway.introspection import Active, Inactive, Verdict
+
+_HEAD = struct.Struct("=dd")  # monotonic deadline, token expiry (epoch seconds)
+_SEP = "\x00"  # cannot occur in a subject, client id or scope: they are header-safe
+
+
+def _pack(deadline: float, verdict: Active) -> bytes:
+    text = f"{verdict.subject or ''}{_SEP}{verdict.client_id}{_SEP}{verdict.scope_header}"
+    return _HEAD.pack(deadline, verdict.expires_at) + text.encode()
+
+
+def _unpack(entry: bytes, expires_at: float) -> Active:
+    subject, client_id, header = entry[_HEAD.size :].decode().split(_SEP)
+    scopes = tuple(header.split(" ")) if header else ()
+    return Active(subject or None, client_id, scopes, header, expires_at)
 
 
 def token_key(token: str) -> bytes:
@@ -39,9 +54,11 @@ class VerdictCache:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._max = max_entries
-        # key -> (monotonic deadline, verdict); a plain dict keeps insertion order, so the
-        # first key is the oldest entry and eviction is O(1).
-        self._active: dict[bytes, tuple[float, Active]] = {}
+        # key -> packed entry (see _pack). A plain dict keeps insertion order, so the first
+        # key is the oldest entry and eviction is O(1). Keys and values are bytes, which the
+        # garbage collector does not track, so neither is the dict: a million entries cost
+        # the collector nothing (tuples here made p99 latency jump with cache size).
+        self._active: dict[bytes, bytes] = {}
         self._negative = _CountingTTLCache(
             maxsize=negative_max_entries, ttl=max(negative_ttl, 1e-9), timer=clock
         )
@@ -54,10 +71,11 @@ class VerdictCache:
     def get(self, key: bytes) -> Verdict | None:
         entry = self._active.get(key)
         if entry is not None:
+            deadline, expires_at = _HEAD.unpack_from(entry)
             now = self._clock()
-            if entry[0] > now:
-                return entry[1]
-            if now - entry[0] >= self._stale_for:
+            if deadline > now:
+                return _unpack(entry, expires_at)
+            if now - deadline >= self._stale_for:
                 del self._active[key]  # past any stale window too
             return None
         return self._negative.get(key)
@@ -66,10 +84,12 @@ class VerdictCache:
         """An expired active verdict still inside `stale_if_error`, never past the token's
         own expiry. Only for when Authlete cannot give a verdict."""
         entry = self._active.get(key)
-        if entry is None or self._clock() - entry[0] >= self._stale_for:
+        if entry is None:
             return None
-        verdict = entry[1]
-        return verdict if verdict.expires_at > self._wall() else None
+        deadline, expires_at = _HEAD.unpack_from(entry)
+        if self._clock() - deadline >= self._stale_for or expires_at <= self._wall():
+            return None
+        return _unpack(entry, expires_at)
 
     def put_active(self, key: bytes, verdict: Active, ttl: float) -> None:
         if ttl <= 0:
@@ -79,7 +99,7 @@ class VerdictCache:
             del self._active[key]  # re-insert at the end: it is the newest now
         elif len(self._active) >= self._max:
             self._evict_one()
-        self._active[key] = (self._clock() + ttl, verdict)
+        self._active[key] = _pack(self._clock() + ttl, verdict)
 
     def put_negative(self, key: bytes, verdict: Inactive) -> None:
         self._active.pop(key, None)  # also ends any stale window: never serve it again
