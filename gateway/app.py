@@ -516,6 +516,9 @@ class _Protocol(RequestHandler):
             if isinstance(exc, LineTooLong) or "Too many headers" in str(exc):
                 status = 431
                 error, description = "invalid_request", "The request headers are too large."
+        elif isinstance(exc, ConnectionError):
+            log.debug("client connection lost: %s", type(exc).__name__)
+            error, description = "server_error", "The connection was lost."
         else:
             # A bug of ours: keep the traceback (our exceptions never carry a token).
             log.error("request handler failed", exc_info=exc)

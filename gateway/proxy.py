@@ -233,6 +233,15 @@ async def forward(
         response.untyped = "Content-Type" not in upstream.headers
         response.headers["X-Request-Id"] = request_id
         await response.prepare(request)
+    except ValueError:
+        # aiohttp's client accepts control characters in a status line or header value
+        # that its server refuses to send on: an invalid upstream response, nothing sent yet.
+        upstream.close()
+        raise UpstreamError("protocol") from None
+    except (aiohttp.ClientError, OSError):
+        upstream.close()  # the client went away before the headers could go out
+        raise
+    try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
         await response.write_eof()
