@@ -211,9 +211,9 @@ class Gateway:
         if "Transfer-Encoding" in headers and not _plain_chunked(request):
             # Only a single "chunked" is unambiguous; anything else is refused, never
             # passed on for an upstream to read differently (request smuggling).
-            return self._deny(ex, _BAD_FRAMING, close=True)
+            return self._refuse(request, ex, _BAD_FRAMING)
         if route.max_body_bytes and (request.content_length or 0) > route.max_body_bytes:
-            return self._deny(ex, _TOO_LARGE, close=True)
+            return self._refuse(request, ex, _TOO_LARGE)
 
         identity: Active | None = None
         if route.auth_required:
@@ -269,9 +269,9 @@ class Gateway:
             )
         except UpstreamError as exc:
             if body is not None and body.too_large:
-                return self._deny(ex, _TOO_LARGE, close=True)
+                return self._refuse(request, ex, _TOO_LARGE)
             if body is not None and body.stalled:
-                return self._deny(ex, _BODY_TIMEOUT, close=True)
+                return self._refuse(request, ex, _BODY_TIMEOUT)
             self.metrics.upstream_errors.labels(route.name, exc.kind).inc()
             log.warning("upstream %s for route %s: %s", route.upstream.origin, route.name, exc.kind)
             return self._deny(ex, GATEWAY_TIMEOUT if exc.kind == "timeout" else BAD_GATEWAY)
@@ -281,6 +281,14 @@ class Gateway:
         ex.status = response.status
         self.metrics.count_upstream(route.name, response.status)
         return response
+
+    def _refuse(self, request: web.BaseRequest, ex: Exchange, refused: Denial) -> web.Response:
+        """A denial after which the rest of the request body is not worth reading: answer
+        and close, instead of aiohttp's default of draining the body for up to 10 s."""
+        protocol = request.protocol
+        if isinstance(protocol, _Protocol):
+            protocol.no_linger()
+        return self._deny(ex, refused, close=True)
 
     def _deny(self, ex: Exchange, refused: Denial, close: bool = False) -> web.Response:
         response = web.Response(
@@ -502,6 +510,9 @@ class _Protocol(RequestHandler):
 
     def request_finished(self) -> None:
         self._in_request = False
+
+    def no_linger(self) -> None:
+        self._lingering_time = 0.0
 
     def handle_error(
         self,
