@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -123,13 +124,14 @@ class Gateway:
             server, handle_signals=False, shutdown_timeout=cfg.shutdown_timeout
         )
         await self._runner.setup()
-        await web.TCPSite(
+        await _ProxySite(
             self._runner,
             cfg.listen.host,
             cfg.listen.port,
             backlog=1024,
             reuse_port=self.reuse_port or None,
             ssl_context=self._tls,
+            handshake_timeout=limits.header_timeout,
         ).start()
         self.proxy_port = _bound_port(self._runner)
 
@@ -435,6 +437,14 @@ def _raw_answer(status: int, reason: str, error: str, description: str) -> bytes
     return head.encode() + body
 
 
+def write_and_close(transport: asyncio.BaseTransport, answer: bytes) -> None:
+    # uvloop's transports are not asyncio.Transport subclasses, but both can write.
+    write = getattr(transport, "write", None)
+    if write is not None:
+        write(answer)
+    transport.close()
+
+
 _REFUSED = _raw_answer(
     503, "Service Unavailable", "temporarily_unavailable", "Too many connections; try again."
 )
@@ -462,9 +472,7 @@ class _Protocol(RequestHandler):
             and len(manager.connections) > self.gateway.cfg.limits.max_connections
         ):
             self.gateway.metrics.connections_refused.inc()
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_REFUSED)
-            transport.close()
+            write_and_close(transport, _REFUSED)
             return
         self._arm_head_timer()
 
@@ -499,9 +507,7 @@ class _Protocol(RequestHandler):
         transport = self.transport
         if transport is not None and not self._in_request:
             self.gateway.metrics.header_timeouts.inc()
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_HEADER_TIMEOUT)
-            transport.close()
+            write_and_close(transport, _HEADER_TIMEOUT)
 
     def request_started(self) -> None:
         self._in_request = True
@@ -512,7 +518,10 @@ class _Protocol(RequestHandler):
         self._in_request = False
 
     def no_linger(self) -> None:
-        self._lingering_time = 0.0
+        # Not 0: closing with unread bytes in the socket makes the kernel send a reset,
+        # which can destroy the answer before the client reads it. A second of draining
+        # lets it arrive; a client still sending after that is cut off.
+        self._lingering_time = min(self._lingering_time, 1.0)
 
     def handle_error(
         self,
@@ -546,6 +555,33 @@ class _Protocol(RequestHandler):
         )
         response.force_close()
         return response
+
+
+class _ProxySite(web.TCPSite):
+    """aiohttp's TCPSite, with a TLS handshake bound by header_timeout: a connection that
+    never starts its handshake is not held for asyncio's default 60 s."""
+
+    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
 
 
 class _Server(web.Server):
