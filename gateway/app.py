@@ -41,7 +41,13 @@ from gateway.logs import AccessLog, RequestIds
 from gateway.metrics import NO_ROUTE, Metrics
 from gateway.proxy import BodyGuard, HeaderPolicy, UpstreamError, forward
 from gateway.routing import PathError, Router, parse_target
-from gateway.tls import TLSError, load_server_certificates, server_context, upstream_context
+from gateway.tls import (
+    TLSError,
+    authlete_context,
+    load_server_certificates,
+    server_context,
+    upstream_context,
+)
 from gateway.verdicts import Verdicts
 
 log = logging.getLogger("gateway")
@@ -84,7 +90,9 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.cfg
         self._authlete_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=256, keepalive_timeout=30, ssl=authlete_context(cfg.authlete.ca_file)
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )

@@ -122,6 +122,7 @@ class AuthleteConfig:
     circuit_breaker: BreakerConfig = BreakerConfig()
     deadline: float = 5.0
     allow_insecure_http: bool = False
+    ca_file: str | None = None
 
     @property
     def introspection_url(self) -> str:
@@ -605,6 +606,7 @@ class _Validator:
                 "circuit_breaker",
                 "deadline",
                 "allow_insecure_http",
+                "ca_file",
             },
         )
         for key in ("base_url", "service_id", "access_token"):
@@ -650,7 +652,12 @@ class _Validator:
                 "cross this link); set authlete.allow_insecure_http: true for a local emulator"
             )
             base_url = None
+        ca: Any = None
+        if m.get("ca_file") is not None:
+            ca = self.guard(lambda: self.readable_file("authlete.ca_file", m["ca_file"]), False)
         if None in (base_url, service_id, token, timeout, limits, retries, breaker, deadline):
+            raise _Invalid()
+        if ca is False:
             raise _Invalid()
         return AuthleteConfig(
             base_url=base_url,
@@ -662,6 +669,7 @@ class _Validator:
             circuit_breaker=breaker,
             deadline=deadline,
             allow_insecure_http=bool(insecure),
+            ca_file=ca,
         )
 
     def rate_limit(self, raw: Any) -> RateLimitConfig:

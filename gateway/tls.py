@@ -43,6 +43,17 @@ def load_server_certificates(ctx: ssl.SSLContext, cfg: TLSConfig) -> None:
             ) from None
 
 
+def authlete_context(ca_file: str | None) -> ssl.SSLContext:
+    """Always verified; against the system store, or `authlete.ca_file` (a private CA, or a
+    TLS-inspecting egress proxy's)."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError(f"authlete.ca_file: cannot load {ca_file}: {_why(exc)}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def upstream_context(cfg: UpstreamTLSConfig) -> ssl.SSLContext:
     """Verification on, against the system store or `ca_file`; off only by an explicit flag."""
     if cfg.insecure_skip_verify:

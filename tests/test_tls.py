@@ -641,3 +641,33 @@ async def test_authlete_over_https_with_an_unknown_ca_is_never_trusted(
         assert emulator.calls == 0
     finally:
         await runner.cleanup()
+
+
+async def test_authlete_over_https_with_its_ca_configured(
+    start_gateway: StartGateway,
+    upstream: str,
+    client: aiohttp.ClientSession,
+    pki: Pki,
+) -> None:
+    """`authlete.ca_file` trusts a private CA for the Authlete link (verification stays on)."""
+    emulator = Emulator(SERVICE_ID, SERVICE_TOKEN)
+    emulator.add_token("https-ok", subject="tia", scopes=["s"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.upstream.cert), str(pki.upstream.key))
+    runner = web.AppRunner(emulator.app(), access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+        base = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        gw = await start_gateway(
+            [{"name": "api", "path_prefix": "/api", "upstream": upstream, "scopes": ["s"]}],
+            authlete_url=base,
+            authlete={"allow_insecure_http": False, "ca_file": str(pki.ca.cert)},
+        )
+        async with client.get(
+            f"{gw.url}/api/x", headers={"Authorization": "Bearer https-ok"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+        assert emulator.calls_for("https-ok") == 1
+    finally:
+        await runner.cleanup()
