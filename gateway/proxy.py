@@ -133,17 +133,17 @@ class HeaderPolicy:
         return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def copy_response_headers(upstream: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
+    """The upstream's end-to-end headers, in order and with duplicates, into `out`."""
     listed = (
         connection_tokens(upstream.getall("Connection", ())) if "Connection" in upstream else None
     )
-    out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
     for name, value in upstream.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or (listed is not None and lower in listed):
             continue
-        out.add(name, value)
-    return out
+        add(name, value)
 
 
 class _PassThrough(web.StreamResponse):
@@ -229,7 +229,7 @@ async def forward(
         raise UpstreamError("reset") from None
     try:
         response = _PassThrough(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(response_headers(upstream.headers))
+        copy_response_headers(upstream.headers, response.headers)
         response.untyped = "Content-Type" not in upstream.headers
         response.headers["X-Request-Id"] = request_id
         await response.prepare(request)
