@@ -683,6 +683,15 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return int(addresses[0][1]) if addresses else 0
 
 
+def tune_gc() -> None:
+    """Everything allocated so far (modules, config, the listeners) lives for the whole
+    process: keep it out of every future collection, and collect the young generation less
+    often than the default 700 allocations (each request allocates dozens)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
+
+
 async def serve(
     cfg: Config,
     path: str | None = None,
@@ -705,12 +714,7 @@ async def serve(
     except TLSError as exc:
         await gateway.stop()
         raise SystemExit(f"gateway: {exc}") from None
-    # Everything allocated so far (modules, config, the listeners) lives for the whole
-    # process: keep it out of every future collection, and collect the young generation
-    # less often than the default 700 allocations (each request allocates dozens).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(7000, 10, 10)
+    tune_gc()
     await stop.wait()
     gateway.ready = False  # /readyz says 503 at once, so load balancers stop sending
     if gateway.cfg.drain_delay > 0:
