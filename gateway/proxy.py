@@ -152,6 +152,9 @@ class _PassThrough(web.StreamResponse):
 
     untyped = False
 
+    def hold_headers(self) -> None:
+        self._send_headers_immediately = False
+
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         if self.untyped:
@@ -232,6 +235,11 @@ async def forward(
         copy_response_headers(upstream.headers, response.headers)
         response.untyped = "Content-Type" not in upstream.headers
         response.headers["X-Request-Id"] = request_id
+        # A small answer is often complete by now: hold the headers back and send them
+        # with the body in one write, instead of one write for each.
+        complete = upstream.content.is_eof()
+        if complete:
+            response.hold_headers()
         await response.prepare(request)
     except ValueError:
         # aiohttp's client accepts control characters in a status line or header value
@@ -242,6 +250,9 @@ async def forward(
         upstream.close()  # the client went away before the headers could go out
         raise
     try:
+        if complete:
+            await response.write_eof(await upstream.content.read())
+            return response
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
         await response.write_eof()
