@@ -17,7 +17,8 @@ import cachetools
 from gateway.introspection import Active, Inactive, Verdict
 
 _HEAD = struct.Struct("=dd")  # monotonic deadline, token expiry (epoch seconds)
-_SEP = "\x00"  # cannot occur in a subject, client id or scope: they are header-safe
+_SEP = "\x00"
+_RECENT = 4096  # cannot occur in a subject, client id or scope: they are header-safe
 
 
 def _pack(deadline: float, verdict: Active) -> bytes:
@@ -67,6 +68,9 @@ class VerdictCache:
         self._clock = clock
         self._wall = wall
         self._evictions = 0
+        # The verdicts of the tokens seen lately, unpacked: busy tokens skip _unpack. Small
+        # on purpose (these tuples are what the collector would have to walk).
+        self._recent: dict[bytes, tuple[bytes, Active]] = {}
 
     def get(self, key: bytes) -> Verdict | None:
         entry = self._active.get(key)
@@ -74,7 +78,14 @@ class VerdictCache:
             deadline, expires_at = _HEAD.unpack_from(entry)
             now = self._clock()
             if deadline > now:
-                return _unpack(entry, expires_at)
+                recent = self._recent.get(key)
+                if recent is not None and recent[0] is entry:
+                    return recent[1]
+                verdict = _unpack(entry, expires_at)
+                if len(self._recent) >= _RECENT:
+                    self._recent.clear()
+                self._recent[key] = (entry, verdict)
+                return verdict
             if now - deadline >= self._stale_for:
                 del self._active[key]  # past any stale window too
             return None
@@ -137,5 +148,6 @@ class VerdictCache:
         return len(self._active) + len(self._negative)
 
     def clear(self) -> None:
+        self._recent.clear()
         self._active.clear()
         self._negative.clear()

@@ -67,8 +67,10 @@ class HeaderPolicy:
         self.scopes = names.scopes
         self.client_id = names.client_id
         self._identity = frozenset(_fold(n) for n in (names.subject, names.scopes, names.client_id))
-        self._drop_request = HOP_BY_HOP | _REPLACED
+        self._drop_request = HOP_BY_HOP | _REPLACED | {"x-forwarded-for"}
         self._drop_untrusted = self._drop_request | _FORWARDING
+        self._passes_trusted: dict[str, bool] = {}
+        self._passes_untrusted: dict[str, bool] = {}
         self._trusted_networks = trusted_proxies
         self._trusted: dict[str, bool] = {}
 
@@ -98,21 +100,25 @@ class HeaderPolicy:
         listed = (
             connection_tokens(inbound.getall("Connection", ())) if "Connection" in inbound else None
         )
-        identity_names = self._identity
-        out: CIMultiDict[str] = CIMultiDict()
+        # Whether a header name passes depends only on the name (and on trust): decided
+        # once per spelling and remembered, a bounded number of spellings per process.
+        passes = self._passes_trusted if trusted else self._passes_untrusted
+        kept: list[tuple[str, str]] = []
         for name, value in inbound.items():
-            lower = name.lower()
-            if lower in drop or (listed is not None and lower in listed):
-                continue
-            if _fold(lower) in identity_names:
-                continue
-            out.add(name, value)
+            ok = passes.get(name)
+            if ok is None:
+                lower = name.lower()
+                ok = lower not in drop and _fold(lower) not in self._identity
+                if len(passes) < 1024:
+                    passes[name] = ok
+            if ok and (listed is None or name.lower() not in listed):
+                kept.append((name, value))
+        out: CIMultiDict[str] = CIMultiDict(kept)
         if "Content-Length" in inbound and "Transfer-Encoding" not in inbound:
             out["Content-Length"] = inbound["Content-Length"]
         # X-Forwarded-For: the chain as received plus the peer we saw, so its last entry
         # is always a fact; nothing here ever decides anything on the earlier entries.
         prior = inbound.getall(_X_FORWARDED_FOR, ())
-        out.popall(_X_FORWARDED_FOR, None)
         out[_X_FORWARDED_FOR] = ", ".join([*prior, peer]) if prior else peer
         if trusted:
             # A proxy we trust terminated the client's connection: its view of the
