@@ -119,15 +119,11 @@ class Histogram(Collector):
             buckets = []
             for bound, count in zip(self._bounds, child.counts, strict=False):
                 running += count
-                buckets.append((_le(bound), float(running)))
+                buckets.append((repr(bound), float(running)))
             running += child.counts[-1]
             buckets.append(("+Inf", float(running)))
             family.add_metric(list(values), buckets, child.sum)
         return [family]
-
-
-def _le(bound: float) -> str:
-    return repr(bound)
 
 
 class Metrics:
