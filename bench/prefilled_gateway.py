@@ -29,10 +29,12 @@ from typing import Any
 
 import uvloop
 
-from gateway.app import Gateway, tune_gc
+from gateway.app import Gateway
 from gateway.cache import VerdictCache
 from gateway.config import load_config
-from gateway.introspection import Active, parse_answer
+from gateway.introspection import parse_answer
+from gateway.runner import tune_gc
+from gateway.verdict import Active
 
 # A few scope sets shared by many tokens, as a real deployment has.
 _SCOPE_SETS: tuple[tuple[str, ...], ...] = (
@@ -120,7 +122,7 @@ async def run(config: str, entries: int, sample: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
-    tune_gc()  # what `gateway.app.serve` does once the listeners are up
+    tune_gc()  # what `gateway.runner.serve` does once the listeners are up
     cache = gateway.verdicts.cache
 
     gc.collect()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import cachetools
 
-from gateway.introspection import Active, Inactive, Verdict
+from gateway.verdict import Active, Inactive, Verdict
 
 _HEAD = struct.Struct("=dd")  # monotonic deadline, token expiry (epoch seconds)
 _SEP = "\x00"

@@ -134,7 +134,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
-    from gateway.app import serve
+    from gateway.runner import serve
 
     _setup_logging(cfg.log.level)
     path = str(args.config)

@@ -19,21 +19,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.http import HOP_BY_HOP
 from gateway.routing import PathError, normalise_path
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Names that cannot be used as identity headers: the proxy owns them.
 _RESERVED_HEADERS = HOP_BY_HOP | {
     "host",

@@ -10,7 +10,7 @@ import json
 from typing import NamedTuple
 
 from gateway.bearer import NoToken
-from gateway.introspection import Active, Inactive
+from gateway.verdict import Active, Inactive
 
 
 class Denial(NamedTuple):

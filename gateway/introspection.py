@@ -10,13 +10,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiohttp
 
 from gateway.budget import Budget, CallFailed, Reply, TransportError
 from gateway.config import AuthleteConfig
 from gateway.metrics import Metrics
+from gateway.verdict import Active, Inactive, Verdict
 
 log = logging.getLogger("gateway.introspection")
 
@@ -34,26 +35,6 @@ DEFAULT_CHALLENGES = {
     "INTERNAL_SERVER_ERROR": 'Bearer error="server_error"',
 }
 EXPIRED_CHALLENGE = 'Bearer error="invalid_token", error_description="The access token expired"'
-
-
-class Active(NamedTuple):
-    """An OK verdict. A tuple of atomic values, so the garbage collector can skip it."""
-
-    subject: str | None
-    client_id: str
-    scopes: tuple[str, ...]
-    scope_header: str  # space-separated, computed once
-    expires_at: float  # epoch seconds
-
-
-class Inactive(NamedTuple):
-    """Any other action: what Authlete says the client should be told."""
-
-    action: str
-    challenge: str
-
-
-Verdict = Active | Inactive
 
 
 # Outcomes after which a stale verdict may be served: Authlete could not give a verdict.

@@ -1,28 +1,43 @@
-"""Forwarding: headers in and out, bodies streamed both ways, upstream faults to 502/504."""
+"""Forwarding rules, as bytes in and bytes out: which client headers go upstream, which are
+replaced, what the gateway adds (identity, X-Forwarded-*, request id), and which upstream
+headers reach the client. No I/O here.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
-from collections.abc import AsyncIterator, Iterable
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
-from yarl import URL
+from gateway.config import HeadersConfig, IPNetwork
+from gateway.http import HOP_BY_HOP, fold
+from gateway.verdict import Active
 
-from gateway.config import HOP_BY_HOP, HeadersConfig, IPNetwork
-from gateway.introspection import Active
+# What the listener needs to know of a request head, besides what is forwarded.
+_PASS = 0
+_DROP = 1
+_HOST = 2
+_AUTHORIZATION = 3  # passed on unchanged, and read for the token
+_CONTENT_LENGTH = 4
+_TRANSFER_ENCODING = 5
+_EXPECT = 6
+_REQUEST_ID = 7
+_CONNECTION = 8
+_X_FORWARDED_FOR = 9
+_X_FORWARDED_PROTO = 10  # believed from trusted proxies only
+_X_FORWARDED_HOST = 11
 
-log = logging.getLogger("gateway.proxy")
-
-_X_FORWARDED_FOR = istr("X-Forwarded-For")
-_X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
-_X_FORWARDED_HOST = istr("X-Forwarded-Host")
-# Set by the proxy itself; a client's copy is never passed on.
-_REPLACED = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect", "content-length"})
-# Forwarding claims dropped from untrusted peers (X-Forwarded-For is extended, see below).
+_SPECIAL = {
+    "host": _HOST,
+    "authorization": _AUTHORIZATION,
+    "content-length": _CONTENT_LENGTH,
+    "transfer-encoding": _TRANSFER_ENCODING,
+    "expect": _EXPECT,
+    "x-request-id": _REQUEST_ID,
+    "connection": _CONNECTION,
+    "x-forwarded-for": _X_FORWARDED_FOR,
+    "x-forwarded-proto": _X_FORWARDED_PROTO,
+    "x-forwarded-host": _X_FORWARDED_HOST,
+}
+# Forwarding claims dropped from untrusted peers (X-Forwarded-For is extended instead).
 _FORWARDING = frozenset(
     {
         "x-forwarded-port",
@@ -37,25 +52,42 @@ _FORWARDING = frozenset(
         "forwarded",
     }
 )
-# Headers the HTTP client must not invent: the upstream sees the client's own.
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+# Upstream response headers never relayed: hop-by-hop ones, and the request id the gateway sets.
+_RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP) | {b"x-request-id"}
+_CRLF = b"\r\n"
+_SEP = b": "
 
 
-class UpstreamError(Exception):
-    """`kind` is one of refused, reset, timeout, protocol; a bounded metric label."""
+class Inbound:
+    """A client's request head, read once: what is forwarded as is, and what the gateway
+    decides on or replaces."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
+    __slots__ = (
+        "authorization",
+        "connection",
+        "content_length",
+        "expect",
+        "forwarded_host",
+        "forwarded_proto",
+        "hosts",
+        "kept",
+        "request_id",
+        "transfer_encoding",
+        "x_forwarded_for",
+    )
 
-
-def _fold(name: str) -> str:
-    return name.lower().replace("_", "-")
-
-
-def connection_tokens(values: Iterable[str]) -> frozenset[str]:
-    """Header names listed in Connection are hop-by-hop for this message only."""
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    def __init__(self) -> None:
+        self.kept: list[bytes] = []  # name, ": ", value, CRLF for each passing header
+        self.hosts: list[bytes] = []
+        self.authorization: list[str] = []
+        self.content_length: bytes | None = None
+        self.transfer_encoding: list[bytes] = []
+        self.expect: bytes | None = None
+        self.request_id: bytes | None = None
+        self.connection: list[bytes] = []
+        self.x_forwarded_for: list[bytes] = []
+        self.forwarded_proto: bytes | None = None
+        self.forwarded_host: bytes | None = None
 
 
 class HeaderPolicy:
@@ -63,213 +95,152 @@ class HeaderPolicy:
     and forwarding headers believed only from trusted proxies."""
 
     def __init__(self, names: HeadersConfig, trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
-        self.subject = names.subject
-        self.scopes = names.scopes
-        self.client_id = names.client_id
-        self._identity = frozenset(_fold(n) for n in (names.subject, names.scopes, names.client_id))
-        self._drop_request = HOP_BY_HOP | _REPLACED | {"x-forwarded-for"}
-        self._drop_untrusted = self._drop_request | _FORWARDING
-        self._passes_trusted: dict[str, bool] = {}
-        self._passes_untrusted: dict[str, bool] = {}
+        self._subject = names.subject.encode() + _SEP
+        self._scopes = names.scopes.encode() + _SEP
+        self._client_id = names.client_id.encode() + _SEP
+        self._identity = frozenset(fold(n) for n in (names.subject, names.scopes, names.client_id))
+        # Whether a header passes depends only on its spelling and on trust: decided once
+        # per spelling and remembered (a bounded number of spellings per process).
+        self._kinds_trusted: dict[bytes, int] = {}
+        self._kinds_untrusted: dict[bytes, int] = {}
         self._trusted_networks = trusted_proxies
-        self._trusted: dict[str, bool] = {}
 
-    def trusts(self, peer: str | None) -> bool:
-        if not peer:
+    def trusts(self, peer: str) -> bool:
+        if not peer or not self._trusted_networks:
             return False
-        known = self._trusted.get(peer)
-        if known is None:
-            try:
-                address = ipaddress.ip_address(peer)
-            except ValueError:
-                known = False
-            else:
-                known = any(address in net for net in self._trusted_networks)
-            if len(self._trusted) > 4096:
-                self._trusted.clear()  # bounded; recomputing is cheap
-            self._trusted[peer] = known
-        return known
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted_networks)
 
-    def upstream_headers(
-        self, request: web.BaseRequest, identity: Active | None
-    ) -> CIMultiDict[str]:
-        inbound = request.headers
-        peer = request.remote or ""
-        trusted = self.trusts(peer)
-        drop = self._drop_request if trusted else self._drop_untrusted
-        listed = (
-            connection_tokens(inbound.getall("Connection", ())) if "Connection" in inbound else None
-        )
-        # Whether a header name passes depends only on the name (and on trust): decided
-        # once per spelling and remembered, a bounded number of spellings per process.
-        passes = self._passes_trusted if trusted else self._passes_untrusted
-        kept: list[tuple[str, str]] = []
-        for name, value in inbound.items():
-            ok = passes.get(name)
-            if ok is None:
-                lower = name.lower()
-                ok = lower not in drop and _fold(lower) not in self._identity
-                if len(passes) < 1024:
-                    passes[name] = ok
-            if ok and (listed is None or name.lower() not in listed):
-                kept.append((name, value))
-        out: CIMultiDict[str] = CIMultiDict(kept)
-        if "Content-Length" in inbound and "Transfer-Encoding" not in inbound:
-            out["Content-Length"] = inbound["Content-Length"]
+    def _kind(self, name: bytes, trusted: bool) -> int:
+        lower = name.decode("latin-1").lower()
+        kind = _SPECIAL.get(lower)
+        if kind is not None:
+            return kind
+        if lower in HOP_BY_HOP or fold(lower) in self._identity:
+            return _DROP
+        if not trusted and lower in _FORWARDING:
+            return _DROP
+        return _PASS
+
+    def scan(self, headers: list[tuple[bytes, bytes]], trusted: bool) -> Inbound:
+        kinds = self._kinds_trusted if trusted else self._kinds_untrusted
+        inbound = Inbound()
+        kept = inbound.kept
+        for name, value in headers:
+            kind = kinds.get(name)
+            if kind is None:
+                kind = self._kind(name, trusted)
+                if len(kinds) < 4096:
+                    kinds[name] = kind
+            if kind == _PASS:
+                kept += (name, _SEP, value, _CRLF)
+            elif kind == _DROP:
+                continue
+            elif kind == _AUTHORIZATION:
+                inbound.authorization.append(value.decode("latin-1"))
+                kept += (name, _SEP, value, _CRLF)
+            elif kind == _HOST:
+                inbound.hosts.append(value)
+            elif kind == _CONTENT_LENGTH:
+                inbound.content_length = value  # llhttp refuses a second one
+            elif kind == _TRANSFER_ENCODING:
+                inbound.transfer_encoding.append(value)
+            elif kind == _EXPECT:
+                inbound.expect = value
+            elif kind == _REQUEST_ID:
+                inbound.request_id = value
+            elif kind == _CONNECTION:
+                inbound.connection.append(value)
+            elif kind == _X_FORWARDED_FOR:
+                inbound.x_forwarded_for.append(value)
+            elif kind == _X_FORWARDED_PROTO:
+                if trusted and inbound.forwarded_proto is None:
+                    inbound.forwarded_proto = value
+            elif kind == _X_FORWARDED_HOST and trusted and inbound.forwarded_host is None:
+                inbound.forwarded_host = value
+        if inbound.connection:
+            _drop_listed(kept, inbound.connection, 0)
+        return inbound
+
+    def request_head(
+        self,
+        method: bytes,
+        target: bytes,
+        upstream_host: bytes,
+        inbound: Inbound,
+        peer: bytes,
+        scheme: bytes,
+        identity: Active | None,
+        request_id: bytes,
+        chunked: bool,
+    ) -> bytes:
+        parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", upstream_host, _CRLF]
+        parts += inbound.kept
         # X-Forwarded-For: the chain as received plus the peer we saw, so its last entry
         # is always a fact; nothing here ever decides anything on the earlier entries.
-        prior = inbound.getall(_X_FORWARDED_FOR, ())
-        out[_X_FORWARDED_FOR] = ", ".join([*prior, peer]) if prior else peer
-        if trusted:
-            # A proxy we trust terminated the client's connection: its view of the
-            # scheme and host is the real one.
-            out[_X_FORWARDED_PROTO] = inbound.get(_X_FORWARDED_PROTO) or request.scheme
-            host = inbound.get(_X_FORWARDED_HOST) or inbound.get("Host")
-        else:
-            # Anyone else could claim any scheme or host: only what we saw goes on.
-            out[_X_FORWARDED_PROTO] = request.scheme
-            host = inbound.get("Host")
+        prior = inbound.x_forwarded_for
+        parts += (
+            b"X-Forwarded-For: ",
+            b", ".join((*prior, peer)) if prior else peer,
+            b"\r\nX-Forwarded-Proto: ",
+            inbound.forwarded_proto or scheme,
+            _CRLF,
+        )
+        # A proxy we trust terminated the client's connection: its view of the host is the
+        # real one. Anyone else could claim any host: only what we saw goes on.
+        host = inbound.forwarded_host or (inbound.hosts[0] if inbound.hosts else None)
         if host:
-            out[_X_FORWARDED_HOST] = host
+            parts += (b"X-Forwarded-Host: ", host, _CRLF)
+        parts += (b"X-Request-Id: ", request_id, _CRLF)
         if identity is not None:
             if identity.subject is not None:
-                out[self.subject] = identity.subject
-            out[self.scopes] = identity.scope_header
-            out[self.client_id] = identity.client_id
-        return out
+                parts += (self._subject, identity.subject.encode(), _CRLF)
+            parts += (
+                self._scopes,
+                identity.scope_header.encode(),
+                _CRLF,
+                self._client_id,
+                identity.client_id.encode(),
+                _CRLF,
+            )
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif inbound.content_length is not None:
+            parts += (b"Content-Length: ", inbound.content_length, b"\r\n\r\n")
+        else:
+            parts.append(_CRLF)
+        return b"".join(parts)
 
 
-def copy_response_headers(upstream: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
-    """The upstream's end-to-end headers, in order and with duplicates, into `out`."""
-    listed = (
-        connection_tokens(upstream.getall("Connection", ())) if "Connection" in upstream else None
-    )
-    add = out.add
-    for name, value in upstream.items():
+def response_headers(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The upstream's end-to-end headers, in order and with duplicates, as head parts."""
+    parts: list[bytes] = []
+    listed: list[bytes] | None = None
+    for name, value in headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or (listed is not None and lower in listed):
+        if lower in _RESPONSE_DROP:
+            if lower == b"connection":
+                if listed is None:
+                    listed = []
+                listed.append(value)
             continue
-        add(name, value)
+        parts += (name, _SEP, value, _CRLF)
+    if listed is not None:
+        _drop_listed(parts, listed, 0)
+    return parts
 
 
-class _PassThrough(web.StreamResponse):
-    """aiohttp gives an untyped body `Content-Type: application/octet-stream`; a proxy must
-    pass the upstream's headers unchanged (clients may sniff an untyped body)."""
-
-    untyped = False
-
-    def hold_headers(self) -> None:
-        self._send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        if self.untyped:
-            self.headers.popall("Content-Type", None)
-
-
-class BodyGuard:
-    """The client's body as it streams upstream, held to the route's size limit and to the
-    idle timeout (a client that stops sending mid-body cannot hold a connection forever)."""
-
-    __slots__ = ("_idle", "_limit", "_stream", "stalled", "too_large")
-
-    def __init__(self, stream: aiohttp.StreamReader, limit: int, idle: float) -> None:
-        self._stream = stream
-        self._limit = limit
-        self._idle = idle
-        self.too_large = False
-        self.stalled = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        total = 0
-        while True:
-            try:
-                chunk = await asyncio.wait_for(self._stream.readany(), self._idle)
-            except TimeoutError:
-                self.stalled = True
-                raise BodyRefused("client body stalled") from None
-            if not chunk:
-                return
-            total += len(chunk)
-            if self._limit and total > self._limit:
-                self.too_large = True
-                raise BodyRefused("client body too large")
-            yield chunk
-
-
-class BodyRefused(Exception):
-    pass
-
-
-async def forward(
-    request: web.BaseRequest,
-    session: aiohttp.ClientSession,
-    url: URL,
-    headers: CIMultiDict[str],
-    timeout: aiohttp.ClientTimeout,
-    request_id: str,
-    body: BodyGuard | None,
-) -> web.StreamResponse:
-    """Stream the request to `url` and the answer back.
-
-    Raises UpstreamError before the response has started; after that a fault cuts the
-    client connection instead, and the (already sent) response is returned.
-    """
-    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
-        # The token is good: let the client send its body now instead of after its own timeout.
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    try:
-        upstream = await session.request(
-            request.method,
-            url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            timeout=timeout,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-        )
-    except TimeoutError:
-        raise UpstreamError("timeout") from None
-    except aiohttp.ClientConnectorError:
-        raise UpstreamError("refused") from None
-    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError):
-        raise UpstreamError("protocol") from None
-    except (aiohttp.ClientError, OSError, BodyRefused):
-        raise UpstreamError("reset") from None
-    try:
-        response = _PassThrough(status=upstream.status, reason=upstream.reason)
-        copy_response_headers(upstream.headers, response.headers)
-        response.untyped = "Content-Type" not in upstream.headers
-        response.headers["X-Request-Id"] = request_id
-        # A small answer is often complete by now: hold the headers back and send them
-        # with the body in one write, instead of one write for each.
-        complete = upstream.content.is_eof()
-        if complete:
-            response.hold_headers()
-        await response.prepare(request)
-    except ValueError:
-        # aiohttp's client accepts control characters in a status line or header value
-        # that its server refuses to send on: an invalid upstream response, nothing sent yet.
-        upstream.close()
-        raise UpstreamError("protocol") from None
-    except (aiohttp.ClientError, OSError):
-        upstream.close()  # the client went away before the headers could go out
-        raise
-    try:
-        if complete:
-            await response.write_eof(await upstream.content.read())
-            return response
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        # The status line is gone already: all we can honestly do is cut the connection,
-        # so the client sees a truncated message instead of a complete wrong one.
-        log.info("response stream cut: %s", type(exc).__name__)
-        upstream.close()
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    finally:
-        upstream.release()
+def _drop_listed(parts: list[bytes], values: list[bytes], start: int) -> None:
+    """Drop, in place, the header fields a Connection header lists (parts: 4 per header)."""
+    listed = {t.strip().lower() for v in values for t in v.split(b",")}
+    listed -= {b"", b"close", b"keep-alive"}
+    if not listed:
+        return
+    kept = parts[:start]
+    for i in range(start, len(parts), 4):
+        if parts[i].lower() not in listed:
+            kept += parts[i : i + 4]
+    parts[:] = kept

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 
 from gateway.cache import VerdictCache, token_key
 from gateway.config import CacheConfig
-from gateway.introspection import Active, IntrospectionError, Verdict
+from gateway.introspection import IntrospectionError
 from gateway.metrics import Metrics
+from gateway.verdict import Active, Verdict
 
 # (token, monotonic deadline, called when the request goes on the wire) -> verdict;
 # raises IntrospectionError
@@ -47,19 +48,31 @@ class Verdicts:
         self._miss = metrics.cache_requests.labels("miss")
         self._stale = metrics.cache_requests.labels("stale")
 
+    def cached(self, key: bytes) -> tuple[Verdict, str] | None:
+        """A verdict the cache holds, and hit or negative_hit; None on a miss. Synchronous,
+        so a hit is answered without a coroutine."""
+        verdict = self.cache.get(key)
+        if verdict is None:
+            return None
+        if isinstance(verdict, Active):
+            self._hit.inc()
+            return verdict, "hit"
+        self._negative_hit.inc()
+        return verdict, "negative_hit"
+
     async def lookup(self, token: str) -> tuple[Verdict, str]:
         """The verdict and the cache result (hit, negative_hit, miss, stale).
 
         Raises IntrospectionError when no verdict could be had; that is never cached.
         """
         key = token_key(token)
-        verdict = self.cache.get(key)
-        if verdict is not None:
-            if isinstance(verdict, Active):
-                self._hit.inc()
-                return verdict, "hit"
-            self._negative_hit.inc()
-            return verdict, "negative_hit"
+        found = self.cached(key)
+        if found is not None:
+            return found
+        return await self.fetch(token, key)
+
+    async def fetch(self, token: str, key: bytes) -> tuple[Verdict, str]:
+        """A miss: one introspection call shared by every request for the token."""
         self._miss.inc()
         flight = self._inflight.get(key)
         if flight is None:

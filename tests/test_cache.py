@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from gateway.cache import VerdictCache, token_key
-from gateway.introspection import Active, Inactive
+from gateway.verdict import Active, Inactive
 
 
 class Clock:

@@ -34,8 +34,9 @@ from yarl import URL
 from gateway.config import Route, Upstream
 from gateway.decision import Decider
 from gateway.emulator import Emulator, Override
-from gateway.introspection import DEFAULT_CHALLENGES, Active, Inactive
+from gateway.introspection import DEFAULT_CHALLENGES
 from gateway.routing import PathError, Router, parse_target
+from gateway.verdict import Active, Inactive
 from tests.conftest import SERVICE_ID, SERVICE_TOKEN, StartGateway, start_app
 
 HOST = "gateway.test"

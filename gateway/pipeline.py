@@ -1,0 +1,140 @@
+"""The request pipeline, top to bottom, as plain functions over plain values:
+
+    route (routing) -> token (bearer) -> verdict (verdicts) -> decision -> forward (proxy)
+
+The listener calls `admit` when a request head is complete. A cache hit is decided there and
+then, synchronously; only a miss returns a `Miss`, which the listener awaits in a task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+from gateway import bearer
+from gateway.cache import token_key
+from gateway.config import Config, Route, Upstream
+from gateway.decision import NOT_FOUND, SERVICE_UNAVAILABLE, Decider, Denial, denial
+from gateway.metrics import Metrics, _CounterChild, _HistogramChild
+from gateway.proxy import HeaderPolicy, Inbound
+from gateway.routing import PathError, Router, parse_target
+from gateway.upstream import Pool
+from gateway.verdict import Active, Verdict
+from gateway.verdicts import Verdicts
+
+BAD_FRAMING = denial(400, "invalid_request", "Only Transfer-Encoding: chunked is accepted.")
+BAD_HOST = denial(400, "invalid_request", "An HTTP/1.1 request needs exactly one Host header.")
+TOO_LARGE = denial(413, "request_too_large", "The request body exceeds this route's limit.")
+BODY_TIMEOUT = denial(408, "request_timeout", "The request body stopped arriving.")
+
+
+class CompiledRoute:
+    """A route as the hot path needs it, built once per (re)load."""
+
+    __slots__ = (
+        "auth_required",
+        "duration",
+        "max_body_bytes",
+        "name",
+        "overhead",
+        "pool",
+        "route",
+        "scopes",
+        "timeout",
+        "upstream_duration",
+        "upstream_errors",
+    )
+
+    def __init__(self, route: Route, pool: Pool, metrics: Metrics) -> None:
+        self.route = route
+        self.name = route.name
+        self.pool = pool
+        self.timeout = route.timeout
+        self.max_body_bytes = route.max_body_bytes
+        self.auth_required = route.auth_required
+        self.scopes = route.scopes
+        self.duration: _HistogramChild = metrics.request_duration.labels(route.name)
+        self.overhead: _HistogramChild = metrics.overhead.labels(route.name)
+        self.upstream_duration: _HistogramChild = metrics.upstream_duration.labels(route.name)
+        self.upstream_errors: dict[str, _CounterChild] = {}
+
+
+class Plan:
+    """Everything a request reads from the config, built once per (re)load."""
+
+    __slots__ = ("cfg", "decider", "header_policy", "max_token_bytes", "router", "routes")
+
+    def __init__(self, cfg: Config, pool_for: Callable[[Upstream], Pool], metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.router = Router(cfg.routes)
+        self.decider = Decider(cfg.realm)
+        self.header_policy = HeaderPolicy(cfg.headers, cfg.trusted_proxies)
+        self.max_token_bytes = cfg.max_token_bytes
+        self.routes = {r.name: CompiledRoute(r, pool_for(r.upstream), metrics) for r in cfg.routes}
+
+
+class Miss(NamedTuple):
+    """No cached verdict: the listener awaits `verdicts.fetch(token, key)`."""
+
+    token: str
+    key: bytes
+
+
+class Routed(NamedTuple):
+    route: CompiledRoute
+    path: str  # normalised: what was matched, and what is forwarded
+    target: bytes  # path and query as forwarded
+
+
+def route_request(plan: Plan, method: str, raw_target: str) -> Routed | Denial:
+    try:
+        target = parse_target(raw_target)
+    except PathError as exc:
+        return denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
+    route = plan.router.match(method, target.path)
+    if route is None:
+        return NOT_FOUND
+    forward = target.forward
+    return Routed(plan.routes[route.name], target.path, forward.encode())
+
+
+def check_framing(inbound: Inbound, http11: bool, limit: int) -> Denial | None:
+    """Refusals after which the connection is closed: the body cannot be trusted or read."""
+    if inbound.transfer_encoding:
+        # Only a single "chunked" is unambiguous; anything else is refused, never passed on
+        # for an upstream to read differently (request smuggling).
+        te = inbound.transfer_encoding
+        if not http11 or len(te) != 1 or te[0].strip().lower() != b"chunked":
+            return BAD_FRAMING
+    if limit and inbound.content_length is not None and int(inbound.content_length) > limit:
+        return TOO_LARGE
+    return None
+
+
+def token_of(plan: Plan, inbound: Inbound) -> str | Denial:
+    token = bearer.extract(inbound.authorization, plan.max_token_bytes)
+    if isinstance(token, bearer.NoToken):
+        return plan.decider.no_token(token)
+    return token
+
+
+def lookup(verdicts: Verdicts, token: str) -> tuple[Verdict, str] | Miss:
+    key = token_key(token)
+    found = verdicts.cached(key)
+    return found if found is not None else Miss(token, key)
+
+
+def judge(plan: Plan, route: CompiledRoute, verdict: Verdict) -> Active | Denial:
+    """Route scopes are checked on every request, cache hit or miss."""
+    refused = plan.decider.check(verdict, route.scopes)
+    if refused is not None:
+        return refused
+    assert isinstance(verdict, Active)
+    return verdict
+
+
+def unavailable(retry_after: float | None) -> Denial:
+    if retry_after is None:
+        return SERVICE_UNAVAILABLE
+    return SERVICE_UNAVAILABLE._replace(retry_after=str(max(1, math.ceil(retry_after))))

@@ -1,0 +1,1017 @@
+"""The proxy listener: one `ClientConnection` (an asyncio.Protocol) per client connection,
+parsing with httptools (llhttp, strict), and the `Exchange` of each request on it.
+
+Limits are counted in the parser callbacks as bytes arrive; timeouts are deadlines on each
+connection, checked by one coarse periodic sweep (`Listener.sweep`), not a timer per request.
+Pipelined requests are answered in order: a request read while another is answered waits in
+the queue, and reading pauses meanwhile. A cache hit is decided and forwarded inside
+`on_headers_complete`; only a miss runs a task, which awaits the shared introspection call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from json.encoder import encode_basestring_ascii as _json_str
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from gateway.config import LimitsConfig
+from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, Denial
+from gateway.http import IDEMPOTENT, closing_answer, status_line
+from gateway.introspection import IntrospectionError
+from gateway.logs import AccessLog, RequestIds
+from gateway.metrics import NO_ROUTE, Metrics
+from gateway.pipeline import (
+    BAD_HOST,
+    BODY_TIMEOUT,
+    TOO_LARGE,
+    CompiledRoute,
+    Miss,
+    Plan,
+    Routed,
+    check_framing,
+    judge,
+    lookup,
+    route_request,
+    token_of,
+    unavailable,
+)
+from gateway.proxy import response_headers
+from gateway.upstream import CHUNKED, STREAM, Pool, UpstreamConnection
+from gateway.verdict import Active, Verdict
+
+if TYPE_CHECKING:
+    from gateway.verdicts import Verdicts
+
+log = logging.getLogger("gateway")
+
+_REFUSED = closing_answer(
+    503, "temporarily_unavailable", "Too many connections; try again."
+)  # fmt: skip
+_HEADER_TIMEOUT = closing_answer(408, "request_timeout", "The request headers took too long.")
+_MALFORMED = (400, "invalid_request", "The request is not valid HTTP.")
+_TOO_BIG = (431, "invalid_request", "The request headers are too large.")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# Why reading from the client is paused; several reasons may hold at once.
+_PAUSE_PIPELINE = 1  # a request waits behind the one being answered
+_PAUSE_UPLOAD = 2  # the upstream connection's write buffer is full
+_PAUSE_BUFFER = 4  # body buffered while the verdict or the upstream connection is pending
+_PAUSE_DONE = 8  # nothing more will be read on this connection
+_BUFFER_LIMIT = 256 * 1024
+# A local answer (401, 404, ...) to a request whose body is still coming: a small rest is
+# read and dropped so the connection stays usable; anything more closes it.
+_DISCARD_LIMIT = 64 * 1024
+# After a closing answer, the rest of what the client sends is read and dropped for up to
+# this long: closing with unread bytes makes the kernel send a reset, which can destroy the
+# answer before the client reads it.
+_LINGER_SECONDS = 1.0
+
+# Deadline kinds: what happens when a connection's deadline passes.
+_NONE = 0
+_HEAD = 1  # request head incomplete: 408 and close
+_IDLE = 2  # keep-alive connection with nothing to do: close
+_BODY = 3  # request body stopped arriving: 408 and close
+_LINGER = 4  # closing: close now
+_NEVER = float("inf")
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the answer is on the connection."""
+
+
+class Listener:
+    """What every connection of the proxy listener shares: the gateway's state as values.
+
+    `plan` and `access_log` are replaced on reload; a request keeps the plan it started with.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        verdicts: Verdicts,
+        metrics: Metrics,
+        limits: LimitsConfig,
+        pools: dict[object, Pool],
+        access_log: AccessLog | None,
+        tls: bool,
+    ) -> None:
+        self.plan = plan
+        self.verdicts = verdicts
+        self.metrics = metrics
+        self.limits = limits
+        self.pools = pools
+        self.access_log = access_log
+        self.scheme = b"https" if tls else b"http"
+        self.request_ids = RequestIds()
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        self.emptied = asyncio.Event()  # set when closing and the last connection is gone
+        self.max_head_bytes = (limits.max_headers + 2) * (limits.max_header_bytes + 4) + 65536
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._methods: dict[bytes, str] = {}
+
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    # ------------------------------------------------------------------ timeouts
+    def start_sweeping(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(self.tick, self.sweep)
+
+    @property
+    def tick(self) -> float:
+        """A quarter of the shortest timeout, within 50 ms to 1 s: deadlines are kept to
+        within that, at the price of one pass over the open connections per tick."""
+        limits = self.limits
+        shortest = min(
+            limits.header_timeout,
+            limits.idle_timeout,
+            *(r.timeout for r in self.plan.routes.values()),
+        )
+        return min(1.0, max(0.05, shortest / 4))
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        try:
+            for conn in list(self.connections):
+                conn.check(now)
+            for pool in self.pools.values():
+                pool.sweep(now)
+        finally:
+            self._sweeper = asyncio.get_running_loop().call_later(self.tick, self.sweep)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def drain(self) -> None:
+        """Stop taking requests: idle connections close now, busy ones after their answer."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if not self.connections:
+            self.emptied.set()
+
+    # ------------------------------------------------------------------ accounting
+    def method_name(self, method: bytes) -> str:
+        name = self._methods.get(method)
+        if name is None:
+            name = method.decode("latin-1")
+            if len(self._methods) < 64:
+                self._methods[method] = name
+        return name
+
+    def account(self, ex: Exchange) -> None:
+        """Metrics and the access log line: one place, once per request."""
+        duration = time.perf_counter() - ex.started
+        route = ex.route
+        name = route.name if route is not None else NO_ROUTE
+        self.metrics.count_request(name, ex.method_name, ex.status)
+        if route is not None:
+            route.duration.observe(duration)
+        else:
+            self.metrics.request_duration.labels(NO_ROUTE).observe(duration)
+        access_log = self.access_log
+        if access_log is None:
+            return
+        # Built by hand: every field but the subject and a refused raw path is made of
+        # characters that need no JSON escaping (request ids, route names and methods are
+        # validated tokens, a normalised path has no quote or backslash, the rest numbers).
+        identity = ex.identity
+        if ex.path is not None:
+            path = '"' + ex.path + '"'
+        else:
+            raw = ex.raw_target.partition(b"?")[0][:256]
+            path = _json_str(raw.decode("ascii", "backslashreplace"))
+        upstream = "null" if ex.upstream_seconds is None else f"{ex.upstream_seconds:.6f}"
+        cache = "null" if ex.cache is None else '"' + ex.cache + '"'
+        if identity is None:
+            client_id = subject = "null"
+        else:
+            client_id = '"' + identity.client_id + '"'
+            subject = "null" if identity.subject is None else _json_str(identity.subject)
+        access_log.write(
+            f'"request_id":"{ex.request_id}","remote":"{ex.conn.peer}",'
+            f'"route":"{name}","method":"{ex.method_name}","path":{path},'
+            f'"status":{ex.status},"duration":{duration:.6f},"upstream_duration":{upstream},'
+            f'"cache":{cache},"client_id":{client_id},"subject":{subject},'
+            f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out}'
+        )
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: the parser's callbacks are its entry points."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.peer = ""
+        self.peer_bytes = b""
+        self.trusted = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.url = b""
+        self.in_head = True
+        self.head_bytes = 0
+        self.cur: Exchange | None = None  # the exchange being answered
+        self.parsing: Exchange | None = None  # the exchange whose body is being read
+        self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for cur
+        self.out: list[bytes] = []
+        self.paused = 0
+        self.write_paused = False
+        self.write_deadline = _NEVER
+        self.closed = False
+        self.read_eof = False
+        self.deadline = _NEVER
+        self.deadline_kind = _NONE
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        listener = self.listener
+        if len(listener.connections) >= listener.limits.max_connections or listener.closing:
+            listener.metrics.connections_refused.inc()
+            self.closed = True
+            self._write(_REFUSED)
+            transport.close()
+            return
+        listener.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
+        self.peer_bytes = self.peer.encode()
+        self.trusted = listener.plan.header_policy.trusts(self.peer)
+        # A connection's first request head must arrive within header_timeout of the connection.
+        self._expect(_HEAD, listener.limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.paused & _PAUSE_DONE:
+            return  # closing, or after an upgrade: nothing more is read as HTTP
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.listener.max_head_bytes:
+                self._parse_failed(_TOO_BIG, "head too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self.pause(_PAUSE_DONE)  # Upgrade or CONNECT: answered as a plain request, then closed
+        except _Refused:
+            pass
+        except HttpParserError as exc:
+            if not isinstance(exc.__context__, _Refused):
+                self._parse_failed(_MALFORMED, type(exc).__name__)
+        if self.out:
+            self.flush()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after whole requests still gets its answers, except
+        # while a verdict is awaited: a client that closes then has given up, and its place
+        # in the Authlete budget's queue goes to the next one (connection_lost follows).
+        if not self.in_head or self.head_bytes or self.parsing is not None:
+            return None  # mid-request: nothing more can complete it
+        cur = self.cur
+        if cur is None or cur.task is not None:
+            return None
+        self.read_eof = True
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        listener = self.listener
+        listener.connections.discard(self)
+        if listener.closing and not listener.connections:
+            listener.emptied.set()
+        cur = self.cur
+        for ex in (cur, self.parsing, *self.queue):
+            if ex is not None and not ex.gone:
+                ex.abandon()
+        if cur is not None and not cur.finished and cur.route is not None:
+            cur.status = 499  # the client went away before its answer was complete
+            cur.finished = True
+            listener.account(cur)
+        self.queue.clear()
+        self.cur = self.parsing = None
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the upstream sends: stop reading the upstream.
+        self.write_paused = True
+        self.write_deadline = time.monotonic() + self.listener.limits.idle_timeout
+        ex = self.cur
+        if ex is not None and ex.up is not None:
+            ex.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.write_deadline = _NEVER
+        ex = self.cur
+        if ex is not None and ex.up is not None:
+            ex.up.resume_reading()
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        if self.paused & _PAUSE_DONE:
+            raise _Refused  # after a closing answer or `Connection: close`: not read
+        self.headers = []
+        self.url = b""
+        self.in_head = True
+        if self.deadline_kind != _HEAD:
+            self._expect(_HEAD, self.listener.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.listener.limits.max_header_bytes:
+            self._parse_failed(_TOO_BIG, "request line too long")
+            raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.listener.limits
+        if len(name) + len(value) > limits.max_header_bytes:
+            self._parse_failed(_TOO_BIG, "header too long")
+            raise _Refused
+        if not self.in_head:
+            return  # a trailer of a chunked body: not forwarded
+        headers = self.headers
+        headers.append((name, value))
+        if len(headers) > limits.max_headers:
+            self._parse_failed(_TOO_BIG, "too many headers")
+            raise _Refused
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._parse_failed(_MALFORMED, "HTTP version " + version)
+            raise _Refused
+        ex = Exchange(self, parser.get_method(), self.url, self.headers, version == "1.1")
+        if not parser.should_keep_alive() or parser.should_upgrade():
+            ex.keep_alive = False
+        self.parsing = ex
+        # Until on_message_complete (at once for a request without a body).
+        self._expect(_BODY, self.listener.limits.idle_timeout)
+        if self.cur is None:
+            self.cur = ex
+            ex.begin()
+        else:
+            self.queue.append(ex)
+            self.pause(_PAUSE_PIPELINE)
+
+    def on_body(self, chunk: bytes) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.body_received(chunk)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        self.in_head = True
+        self.deadline_kind = _NONE
+        self.deadline = _NEVER
+        if ex is None:
+            return
+        if not ex.keep_alive:
+            self.pause(_PAUSE_DONE)  # nothing after this request is read
+        ex.request_complete()
+
+    # ------------------------------------------------------------------ reading and writing
+    def pause(self, why: int) -> None:
+        if not self.paused and not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+                if self.deadline_kind == _BODY:
+                    self._expect(_BODY, self.listener.limits.idle_timeout)
+
+    def flush(self) -> None:
+        out = self.out
+        if not self.closed and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """Cut the connection: the client must see an incomplete answer as broken."""
+        self.out.clear()
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def linger(self) -> None:
+        """A closing answer has been written: half-close, drop what still arrives, and
+        close when the client does or after a second."""
+        was_paused = self.paused
+        self.paused |= _PAUSE_DONE  # from now on data_received drops everything
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.out:
+            self.flush()
+        if not transport.can_write_eof():  # TLS: no half-close
+            self.close()
+            return
+        if was_paused:
+            transport.resume_reading()
+        transport.write_eof()
+        self._expect(_LINGER, _LINGER_SECONDS)
+
+    def _expect(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = time.monotonic() + seconds
+
+    # ------------------------------------------------------------------ exchanges
+    def answered(self, ex: Exchange) -> None:
+        """`ex` is complete both ways: account for it, then serve the next one."""
+        if ex.finished:
+            return
+        ex.finished = True
+        self.listener.account(ex)
+        if self.out:
+            self.flush()
+        if self.cur is ex:
+            self.cur = None
+        if self.closed:
+            return
+        if not ex.keep_alive or not ex.request_done:
+            if self.parsing is not None or not ex.request_done:
+                self.linger()
+            else:
+                self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self.resume(_PAUSE_PIPELINE)
+            self.cur = nxt
+            nxt.begin()
+            if self.out:
+                self.flush()
+            return
+        if self.read_eof or self.listener.closing:
+            self.close()
+            return
+        if self.in_head and self.deadline_kind != _HEAD:
+            self._expect(_IDLE, self.listener.limits.idle_timeout)
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            if self.out:
+                self.transport.write(b"".join(self.out))
+                self.out.clear()
+            self.transport.close()
+
+    def close_when_idle(self) -> None:
+        if self.cur is None and self.parsing is None and not self.head_bytes:
+            self.close()
+
+    def _parse_failed(self, refusal: tuple[int, str, str], why: str) -> None:
+        """The request cannot be read (or is too large to): answer in order, then close."""
+        if self.paused & _PAUSE_DONE:
+            return
+        status, error, description = refusal
+        listener = self.listener
+        log.info("malformed request from %s: %s", self.peer, why)
+        self.pause(_PAUSE_DONE)
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None and not ex.gone:
+            # Its head was good and it may be on its way upstream: stop that at once.
+            ex.fail_request(closing_answer(status, error, description), status)
+            return
+        listener.metrics.count_request(NO_ROUTE, "OTHER", status)
+        answer = closing_answer(status, error, description)
+        if self.cur is None:
+            self.out.append(answer)
+            self.linger()
+        else:
+            # Answered after the requests before it, which are under way.
+            self.queue.append(_closing_exchange(self, answer))
+
+    def check(self, now: float) -> None:
+        """The sweep's visit: act on a passed deadline."""
+        if self.closed:
+            return
+        if now >= self.write_deadline:
+            self.abort()  # a client that stopped reading its answer
+            return
+        ex = self.cur
+        if ex is not None and ex.up is not None:
+            ex.check_upstream(now)
+        if now < self.deadline:
+            return
+        kind = self.deadline_kind
+        if kind == _HEAD:
+            self.listener.metrics.header_timeouts.inc()
+            if self.cur is None:
+                self.listener.metrics.count_request(NO_ROUTE, "OTHER", 408)
+                self.closed = True
+                self._write(_HEADER_TIMEOUT)
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                self.deadline = _NEVER
+                self._parse_failed(
+                    (408, "request_timeout", "The request headers took too long."), "header timeout"
+                )
+        elif kind == _BODY:
+            if self.paused & (_PAUSE_UPLOAD | _PAUSE_BUFFER | _PAUSE_PIPELINE):
+                self._expect(_BODY, self.listener.limits.idle_timeout)  # held by us
+                return
+            ex = self.parsing
+            self.parsing = None
+            self.deadline = _NEVER
+            if ex is not None:
+                ex.refuse(BODY_TIMEOUT)
+        elif kind in (_IDLE, _LINGER):
+            self.deadline = _NEVER
+            self.close()
+
+
+def _closing_exchange(conn: ClientConnection, answer: bytes) -> Exchange:
+    ex = Exchange(conn, b"OTHER", b"", [], True)
+    ex.keep_alive = False
+    ex.request_done = True
+    ex.local = answer
+    return ex
+
+
+class Exchange:
+    """One request and its answer; the upstream connection's `Receiver` while forwarded."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "bytes_in",
+        "bytes_out",
+        "cache",
+        "chunked",
+        "conn",
+        "finished",
+        "gone",
+        "headers",
+        "http11",
+        "identity",
+        "inbound",
+        "keep_alive",
+        "local",
+        "method",
+        "method_name",
+        "path",
+        "plan",
+        "raw_target",
+        "request_done",
+        "request_id",
+        "response_chunked",
+        "response_done",
+        "response_started",
+        "retried",
+        "route",
+        "started",
+        "status",
+        "target",
+        "task",
+        "up",
+        "upload_paused",
+        "upstream_head_bytes",
+        "upstream_seconds",
+        "upstream_started",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: bytes,
+        raw_target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        http11: bool,
+    ) -> None:
+        self.conn = conn
+        self.started = time.perf_counter()
+        self.method = method
+        self.method_name = conn.listener.method_name(method)
+        self.raw_target = raw_target
+        self.headers = headers
+        self.http11 = http11
+        self.keep_alive = True
+        plan = self.plan = conn.listener.plan
+        inbound = self.inbound = plan.header_policy.scan(headers, conn.trusted)
+        self.chunked = bool(inbound.transfer_encoding)
+        self.request_id = ""
+        self.route: CompiledRoute | None = None
+        self.path: str | None = None
+        self.target = b""
+        self.status = 0
+        self.cache: str | None = None
+        self.identity: Active | None = None
+        self.local: bytes | None = None  # a local answer waiting for its turn
+        self.request_done = False
+        self.body: list[bytes] | None = None  # frames held until an upstream is attached
+        self.body_size = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.up: UpstreamConnection | None = None
+        self.upstream_head_bytes = b""
+        self.upload_paused = False
+        self.upstream_started = 0.0
+        self.upstream_seconds: float | None = None
+        self.response_started = False
+        self.response_chunked = False
+        self.response_done = False
+        self.retried = False
+        self.gone = False
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ the pipeline
+    def begin(self) -> None:
+        """Route, token, verdict, decision: synchronously unless the verdict is a miss."""
+        if self.local is not None:  # a refusal queued behind earlier requests
+            self.conn.out.append(self.local)
+            self.response_done = True
+            self.conn.answered(self)
+            return
+        listener = self.conn.listener
+        plan = self.plan
+        inbound = self.inbound
+        rid = inbound.request_id
+        self.request_id = listener.request_ids.take(
+            rid.decode("latin-1") if rid is not None else None
+        )
+        if (self.http11 and len(inbound.hosts) != 1) or len(inbound.hosts) > 1:
+            self.refuse(BAD_HOST)
+            return
+        refused = check_framing(inbound, self.http11, 0)
+        if refused is not None:
+            self.refuse(refused)
+            return
+        routed = route_request(plan, self.method_name, self.raw_target.decode("latin-1"))
+        if isinstance(routed, Denial):
+            self.deny(routed)
+            return
+        route = self.route = routed.route
+        self.path = routed.path
+        self.target = routed.target
+        limit = route.max_body_bytes
+        if limit and inbound.content_length is not None and int(inbound.content_length) > limit:
+            self.refuse(TOO_LARGE)
+            return
+        if not route.auth_required:
+            self.forward(routed, None)
+            return
+        token = token_of(plan, inbound)
+        if isinstance(token, Denial):
+            self.deny(token)
+            return
+        found = lookup(listener.verdicts, token)
+        if isinstance(found, Miss):
+            self.cache = "miss"
+            self.task = asyncio.get_running_loop().create_task(self._await_verdict(routed, found))
+            return
+        verdict, self.cache = found
+        self.decide(routed, verdict)
+
+    def body_expected(self) -> bool:
+        inbound = self.inbound
+        return self.chunked or (
+            inbound.content_length is not None and inbound.content_length.strip(b"0 \t") != b""
+        )
+
+    async def _await_verdict(self, routed: Routed, miss: Miss) -> None:
+        conn = self.conn
+        try:
+            verdict, self.cache = await conn.listener.verdicts.fetch(miss.token, miss.key)
+        except IntrospectionError as exc:
+            log.warning("no verdict for route %s: %s", routed.route.name, exc.detail)
+            if not self.gone:
+                self.deny(unavailable(exc.retry_after))
+            return
+        finally:
+            self.task = None
+        if not self.gone:
+            self.decide(routed, verdict)
+            if conn.out:
+                conn.flush()
+
+    def decide(self, routed: Routed, verdict: Verdict) -> None:
+        if isinstance(verdict, Active):
+            self.identity = verdict
+        allowed = judge(self.plan, routed.route, verdict)
+        if isinstance(allowed, Active):
+            self.forward(routed, allowed)
+        else:
+            self.deny(allowed)
+
+    # ------------------------------------------------------------------ local answers
+    def deny(self, refused: Denial, close: bool = False) -> None:
+        """Answer the client ourselves (RFC 6750 style for token problems)."""
+        conn = self.conn
+        if not self.request_done:
+            remaining = self._unread_body()
+            if close or remaining is None or remaining > _DISCARD_LIMIT or self._expects_continue():
+                close = True
+        if close:
+            self.keep_alive = False
+        self.status = refused.status
+        parts = [
+            status_line(refused.status),
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Cache-Control: no-store\r\nPragma: no-cache\r\nX-Request-Id: " % len(refused.body),
+            self.request_id.encode(),
+            b"\r\n",
+        ]
+        if refused.challenge is not None:
+            parts += (b"WWW-Authenticate: ", refused.challenge.encode(), b"\r\n")
+        if refused.retry_after is not None:
+            parts += (b"Retry-After: ", refused.retry_after.encode(), b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not self.http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts += (b"\r\n", refused.body)
+        conn.out.append(b"".join(parts))
+        self.response_started = self.response_done = True
+        self.body = None
+        if self.request_done:
+            conn.answered(self)
+        elif not self.keep_alive:
+            conn.parsing = None if conn.parsing is self else conn.parsing
+            conn.answered(self)
+        else:
+            conn.flush()  # the rest of the body is read and dropped; then it is complete
+
+    def refuse(self, refused: Denial) -> None:
+        """A denial after which the rest of the request is not worth reading."""
+        if self.response_started:
+            self.conn.abort()
+            return
+        self._drop_upstream()
+        self.deny(refused, close=True)
+
+    def fail_request(self, answer: bytes, status: int) -> None:
+        """The request turned unreadable after its head (bad chunk framing, for one)."""
+        self._drop_upstream()
+        if self.conn.cur is not self:
+            self.local = answer
+            self.keep_alive = False
+            self.request_done = True
+            return
+        if self.response_started:
+            self.conn.abort()
+            return
+        self.status = status
+        self.keep_alive = False
+        self.response_started = self.response_done = True
+        self.conn.out.append(answer)
+        self.conn.answered(self)
+
+    def _unread_body(self) -> int | None:
+        """Bytes of body still to come, or None when unknown (chunked)."""
+        inbound = self.inbound
+        if self.chunked:
+            return None
+        if inbound.content_length is None:
+            return 0
+        return int(inbound.content_length) - self.bytes_in
+
+    def _expects_continue(self) -> bool:
+        inbound = self.inbound
+        return inbound.expect is not None and inbound.expect.strip().lower() == b"100-continue"
+
+    # ------------------------------------------------------------------ forwarding
+    def forward(self, routed: Routed, identity: Active | None) -> None:
+        conn = self.conn
+        listener = conn.listener
+        route = routed.route
+        self.upstream_head_bytes = self.plan.header_policy.request_head(
+            self.method,
+            routed.target,
+            route.pool.host_header,
+            self.inbound,
+            conn.peer_bytes,
+            listener.scheme,
+            identity,
+            self.request_id.encode(),
+            self.chunked,
+        )
+        if self.http11 and self._expects_continue() and self.body_expected():
+            # The token is good: let the client send its body now instead of after its own
+            # timeout. The upstream never sees the Expect, so it sends no 100 of its own.
+            conn.out.append(_CONTINUE)
+        self.upstream_started = time.perf_counter()
+        route.overhead.observe(self.upstream_started - self.started)
+        self._connect(route)
+
+    def _connect(self, route: CompiledRoute) -> None:
+        up = route.pool.acquire()
+        if up is not None:
+            self.upstream_ready(up)
+        else:
+            route.pool.open(self, route.timeout)
+
+    def upstream_ready(self, conn: UpstreamConnection) -> None:
+        if self.gone or self.response_started:
+            conn.reusable = True
+            conn.pool.release(conn)
+            return
+        self.up = conn
+        conn.start(self, self.upstream_head_bytes, self.method == b"HEAD")
+        if self.body:
+            conn.write(b"".join(self.body))
+            self.body = None
+            self.body_size = 0
+            self.conn.resume(_PAUSE_BUFFER)
+        if self.request_done:
+            conn.sent()
+        if self.conn.write_paused:
+            conn.pause_reading()
+
+    def body_received(self, chunk: bytes) -> None:
+        self.bytes_in += len(chunk)
+        conn = self.conn
+        if conn.deadline_kind == _BODY:
+            conn.deadline = time.monotonic() + conn.listener.limits.idle_timeout
+        route = self.route
+        if route is not None and route.max_body_bytes and self.bytes_in > route.max_body_bytes:
+            conn.parsing = None
+            self.refuse(TOO_LARGE)
+            raise _Refused
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked else chunk
+        up = self.up
+        if up is not None:
+            up.write(frame)  # also while an early answer is relayed: the upstream may read on
+            return
+        if self.response_started:
+            return  # answered already: dropped
+        if self.body is None:
+            self.body = []
+        self.body.append(frame)
+        self.body_size += len(frame)
+        if self.body_size > _BUFFER_LIMIT:
+            conn.pause(_PAUSE_BUFFER)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.response_done:
+            self.conn.answered(self)
+            return
+        up = self.up
+        if up is None and self.response_started:
+            return
+        if self.chunked:
+            if up is not None:
+                up.write(b"0\r\n\r\n")
+            else:
+                if self.body is None:
+                    self.body = []
+                self.body.append(b"0\r\n\r\n")
+        if up is not None:
+            up.sent()
+
+    def check_upstream(self, now: float) -> None:
+        """The route's timeout, while the upstream owes us bytes or will not take ours."""
+        up = self.up
+        route = self.route
+        if up is None or route is None or up.read_paused:
+            return
+        if not (up.request_sent or self.upload_paused):
+            return
+        if now - up.last_read > route.timeout:
+            self.upstream_failed("timeout", False)
+
+    def _drop_upstream(self) -> None:
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    def abandon(self) -> None:
+        """The client is gone: nothing more is sent or awaited for this exchange."""
+        self.gone = True
+        self._drop_upstream()
+
+    # ------------------------------------------------------------------ upstream.Receiver
+    def upstream_interim(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        if status == 100 or not self.http11 or self.response_started:
+            return  # the gateway sent its own 100 Continue, or the client asked for none
+        self.conn.out += (status_line(status, reason), *response_headers(headers), b"\r\n")
+
+    def upstream_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int
+    ) -> None:
+        route = self.route
+        assert route is not None
+        self.conn.listener.metrics.count_upstream(route.name, status)
+        self.status = status
+        self.response_started = True
+        parts = [status_line(status, reason), *response_headers(headers)]
+        parts += (b"X-Request-Id: ", self.request_id.encode(), b"\r\n")
+        if not self.request_done:
+            self.keep_alive = False  # an early answer: the rest of the body is not read
+        if framing in (CHUNKED, STREAM):
+            if self.http11:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self.response_chunked = True
+            else:
+                self.keep_alive = False  # an HTTP/1.0 client reads until we close
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif not self.http11:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self.conn.out.append(b"".join(parts))
+
+    def upstream_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.response_chunked:
+            self.conn.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.conn.out.append(data)
+
+    def upstream_end(self) -> None:
+        self.up = None
+        if self.response_chunked:
+            self.conn.out.append(b"0\r\n\r\n")
+        self._upstream_done()
+        self.response_done = True
+        conn = self.conn
+        if not self.request_done:
+            conn.parsing = None if conn.parsing is self else conn.parsing
+        conn.answered(self)
+
+    def upstream_failed(self, kind: str, retryable: bool) -> None:
+        up, self.up = self.up, None
+        if up is not None:
+            up.abort()
+        if self.gone:
+            return
+        route = self.route
+        assert route is not None
+        if (
+            retryable
+            and not self.retried
+            and not self.response_started
+            and self.method in IDEMPOTENT
+            and not self.body_expected()
+            and self.request_done
+        ):
+            # A reused keep-alive connection the upstream had closed: once more, afresh.
+            self.retried = True
+            self._connect(route)
+            return
+        self._upstream_done()
+        errors = route.upstream_errors.get(kind)
+        if errors is None:
+            errors = route.upstream_errors[kind] = (
+                self.conn.listener.metrics.upstream_errors.labels(route.name, kind)
+            )
+        errors.inc()
+        if self.response_started:
+            # The status line is gone already: all we can honestly do is cut the connection,
+            # so the client sees a truncated message instead of a complete wrong one.
+            log.info("response stream cut: upstream %s", kind)
+            self.conn.abort()
+            return
+        log.warning("upstream %s for route %s: %s", route.pool.upstream.origin, route.name, kind)
+        self.deny(GATEWAY_TIMEOUT if kind == "timeout" else BAD_GATEWAY)
+        if self.conn.out:
+            self.conn.flush()
+
+    def upstream_flush(self) -> None:
+        if self.conn.out:
+            self.conn.flush()
+
+    def pause_upload(self) -> None:
+        self.upload_paused = True
+        self.conn.pause(_PAUSE_UPLOAD)
+
+    def resume_upload(self) -> None:
+        self.upload_paused = False
+        self.conn.resume(_PAUSE_UPLOAD)
+
+    def _upstream_done(self) -> None:
+        if self.upstream_seconds is None and self.upstream_started:
+            self.upstream_seconds = time.perf_counter() - self.upstream_started
+            route = self.route
+            if route is not None:
+                route.upstream_duration.observe(self.upstream_seconds)

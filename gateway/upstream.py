@@ -1,0 +1,394 @@
+"""The upstream client: a keep-alive pool per origin and one protocol object per connection,
+parsing responses with httptools (llhttp, strict).
+
+Nothing here awaits on the request path: a pooled connection is handed over synchronously,
+response events are delivered to the exchange as callbacks (`Receiver`), and only opening a
+new connection runs as a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Protocol
+
+from httptools import HttpParserError, HttpResponseParser
+
+from gateway.config import Upstream
+from gateway.http import valid_reason
+
+log = logging.getLogger("gateway.upstream")
+
+# Idle pooled connections are closed after this long: shorter than the keep-alive timeouts
+# of common upstream servers (gunicorn 2 s, uvicorn and Node.js 5 s, nginx 75 s), so the
+# gateway, not the upstream, decides when an idle connection ends and a request rarely
+# meets a connection the upstream is closing at that moment.
+MAX_IDLE_SECONDS = 1.5
+MAX_IDLE_CONNECTIONS = 1024  # per origin; more than this are closed when released
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 256
+
+
+class Receiver(Protocol):
+    """The exchange an upstream connection serves: where response events go."""
+
+    def upstream_ready(self, conn: UpstreamConnection) -> None: ...
+    def upstream_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...  # fmt: skip  # noqa: E501
+    def upstream_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int
+    ) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_end(self) -> None: ...
+    def upstream_failed(self, kind: str, retryable: bool) -> None: ...
+    def upstream_flush(self) -> None: ...
+    def pause_upload(self) -> None: ...
+    def resume_upload(self) -> None: ...
+
+
+# How a response's body is delimited.
+NO_BODY = 0  # HEAD, 204, 304
+LENGTH = 1  # Content-Length
+CHUNKED = 2  # Transfer-Encoding ending in chunked
+STREAM = 3  # until the upstream closes
+
+
+class UpstreamError(Exception):
+    """`kind` is one of refused, reset, timeout, protocol; a bounded metric label."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _SkipBody(Exception):
+    """Raised from on_headers_complete to end a HEAD answer at its head: llhttp cannot know
+    that the request was HEAD, and would wait for the body its Content-Length announces."""
+
+
+class Pool:
+    """Keep-alive connections to one origin, most recently used first."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        ssl_context: ssl.SSLContext | None,
+        max_idle: float = MAX_IDLE_SECONDS,
+    ) -> None:
+        self.upstream = upstream
+        self.host = upstream.host
+        self.port = upstream.port
+        self.ssl = ssl_context if upstream.scheme == "https" else None
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        self.opened = 0  # connections ever opened (tests and the benchmark read it)
+        self.closed = False
+        default = 443 if upstream.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if self.port == default else f"{host}:{self.port}").encode()
+
+    def acquire(self) -> UpstreamConnection | None:
+        """An idle connection that is still open and fresh, or None."""
+        idle = self.idle
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and now - conn.idle_since < self.max_idle:
+                return conn
+            conn.close()
+        return None
+
+    def open(self, receiver: Receiver, timeout: float) -> asyncio.Task[None]:
+        """Open a new connection in the background; the receiver hears ready or failed."""
+        return asyncio.get_running_loop().create_task(self._open(receiver, timeout))
+
+    async def _open(self, receiver: Receiver, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None,
+                ),
+                timeout,
+            )
+        except TimeoutError:
+            receiver.upstream_failed("timeout", False)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("upstream %s: connect failed: %s", self.upstream.origin, type(exc).__name__)
+            receiver.upstream_failed("refused", False)
+            return
+        self.opened += 1
+        receiver.upstream_ready(conn)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.closed or len(self.idle) >= MAX_IDLE_CONNECTIONS:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than max_idle (the oldest are first)."""
+        idle = self.idle
+        expired = 0
+        while expired < len(idle) and now - idle[expired].idle_since >= self.max_idle:
+            idle[expired].close()
+            expired += 1
+        if expired:
+            del idle[:expired]
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One upstream connection; serves one exchange at a time."""
+
+    __slots__ = (
+        "_eof_delimited",
+        "_head_bytes",
+        "_head_size",
+        "_headers",
+        "_interim",
+        "_keep_alive",
+        "_reason",
+        "_skip",
+        "_skipping",
+        "exchanges",
+        "got_bytes",
+        "idle_since",
+        "last_read",
+        "parser",
+        "pool",
+        "read_paused",
+        "receiver",
+        "request_sent",
+        "reusable",
+        "started",
+        "transport",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.parser = HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.receiver: Receiver | None = None
+        self.reusable = False  # open, idle, and its last exchange ended cleanly
+        self.read_paused = False
+        self.exchanges = 0
+        self.idle_since = 0.0
+        self.last_read = 0.0
+        self.got_bytes = False
+        self.request_sent = False
+        self.started = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._head_size = 0
+        self._reason = b""
+        self._interim = False
+        self._keep_alive = False
+        self._eof_delimited = False
+        self._skip = False
+        self._skipping = False
+
+    # ------------------------------------------------------------------ the exchange's side
+    def start(self, receiver: Receiver, head: bytes, head_request: bool) -> None:
+        """Send a request head; the body (if any) follows through `write`."""
+        self.receiver = receiver
+        self.reusable = False
+        self.exchanges += 1
+        self.got_bytes = False
+        self.request_sent = False
+        self.started = False
+        self._head_bytes = 0
+        self._skip = head_request
+        self.last_read = time.monotonic()
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def sent(self) -> None:
+        """The whole request is written: the wait for the answer begins."""
+        self.request_sent = True
+        self.last_read = time.monotonic()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.last_read = time.monotonic()
+
+    def abort(self) -> None:
+        """The exchange is over on the client's side; this connection's state is unknown."""
+        self.receiver = None
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.receiver = None
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def reused(self) -> bool:
+        return self.exchanges > 1
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
+        self.transport = transport  # type: ignore[assignment]
+
+    def pause_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.pause_upload()
+
+    def resume_writing(self) -> None:
+        self.last_read = time.monotonic()
+        if self.receiver is not None:
+            self.receiver.resume_upload()
+
+    def data_received(self, data: bytes) -> None:
+        receiver = self.receiver
+        if receiver is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
+            return
+        self.got_bytes = True
+        self.last_read = time.monotonic()
+        if not self.started:
+            # Coarse: a read holds the head and often body bytes too. The exact bound is
+            # counted field by field in on_header.
+            self._head_bytes += len(data)
+            if self._head_bytes > 16 * MAX_RESPONSE_HEAD_BYTES:
+                self._fail("protocol")
+                return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserError:
+            if not self._skipping:
+                self._fail("protocol")
+                return
+            self._skipping = False
+            self._end_head_only()
+        receiver.upstream_flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost tells the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        receiver = self.receiver
+        if receiver is None:
+            return
+        self.receiver = None
+        if self.started and self._eof_delimited:
+            self.started = False
+            receiver.upstream_end()  # a close-delimited answer ends here
+            return
+        retryable = not self.got_bytes and self.exchanges > 1
+        receiver.upstream_failed("reset", retryable)
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._head_size = 0
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name, value))
+        self._head_size += len(name) + len(value)
+        if len(headers) > MAX_RESPONSE_HEADERS or self._head_size > MAX_RESPONSE_HEAD_BYTES:
+            raise HttpParserError("response head too large")
+
+    def on_headers_complete(self) -> None:
+        receiver = self.receiver
+        if receiver is None:
+            raise HttpParserError("unexpected response")
+        parser = self.parser
+        status = parser.get_status_code()
+        reason = self._reason
+        if not valid_reason(reason):
+            raise HttpParserError("invalid reason phrase")
+        if status < 200:
+            if status == 101:  # the gateway never asks for an upgrade
+                raise HttpParserError("unrequested upgrade")
+            self._interim = True
+            receiver.upstream_interim(status, reason, self._headers)
+            return
+        self._interim = False
+        self.started = True
+        self._head_bytes = 0
+        self._keep_alive = parser.should_keep_alive()
+        if self._skip or status == 204 or status == 304:
+            framing = NO_BODY
+        else:
+            framing = STREAM
+            for name, value in self._headers:
+                lower = name.lower()
+                if lower == b"content-length":
+                    framing = LENGTH  # llhttp refuses it beside Transfer-Encoding
+                elif lower == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
+                    framing = CHUNKED
+        self._eof_delimited = framing == STREAM
+        receiver.upstream_head(status, reason, self._headers, framing)
+        if self._skip:
+            self._skipping = True
+            raise _SkipBody
+
+    def on_body(self, data: bytes) -> None:
+        if self.receiver is not None:
+            self.receiver.upstream_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._complete(self.parser.should_keep_alive() and self._keep_alive)
+
+    # ------------------------------------------------------------------ endings
+    def _end_head_only(self) -> None:
+        self.parser = HttpResponseParser(self)
+        self._complete(self._keep_alive)
+
+    def _complete(self, keep_alive: bool) -> None:
+        receiver = self.receiver
+        self.receiver = None
+        self.started = False
+        if keep_alive and self.request_sent and self.transport is not None:
+            self.reusable = True
+            self.pool.release(self)
+        else:
+            self.close()
+        if receiver is not None:
+            receiver.upstream_end()
+
+    def _fail(self, kind: str) -> None:
+        receiver = self.receiver
+        self.receiver = None
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+        if receiver is not None:
+            receiver.upstream_failed(kind, False)
