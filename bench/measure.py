@@ -42,14 +42,19 @@ def cpu_seconds(root: int) -> float:
     A descendant that exits and is reaped moves its time into its parent's cutime/cstime, so
     the sum stays consistent across the delta of one run.
     """
-    ticks = 0
+    return sum(cpu_seconds_by_pid(root).values())
+
+
+def cpu_seconds_by_pid(root: int) -> dict[int, float]:
+    """The same, per process of the tree (e.g. the workers of `gateway run --workers 2`)."""
+    out: dict[int, float] = {}
     for pid in tree(root):
         fields = _stat_fields(pid)
         if fields is None:
             continue
         # After the ')' split, utime is index 11 (field 14 of proc(5)); then stime, cutime, cstime.
-        ticks += sum(int(v) for v in fields[11:15])
-    return ticks / CLK_TCK
+        out[pid] = sum(int(v) for v in fields[11:15]) / CLK_TCK
+    return out
 
 
 def _status_value(pid: int, key: str) -> str | None:

@@ -46,7 +46,7 @@ INTROSPECTION_PATH = f"/api/{SERVICE_ID}/auth/introspection"
 
 AfterRun = Callable[[str, "report.Run", wrk.WrkResult, dict[str, str]], None]
 
-MAIN_CONFIGS = ("direct", "nginx", "bare", "gateway", "gateway-w2")
+MAIN_CONFIGS = ("direct", "nginx", "bare", "client", "gateway", "gateway-w2")
 SCENARIOS = ("hot", "warm", "cold", "large", "bodies")
 
 
@@ -359,11 +359,11 @@ routes:
             )
             child = self.procs.start("nginx-proxy", argv, self.cpu_proxy)
             wait_until("nginx proxy", lambda: self._get_ok(port), child)
-        elif name == "bare":
+        elif name in ("bare", "client"):
             child = self.procs.start(
-                "bare-proxy",
+                f"{name}-proxy",
                 self.python(
-                    str(BENCH_DIR / "bare_proxy.py"),
+                    str(BENCH_DIR / f"{name}_proxy.py"),
                     "--listen",
                     f"127.0.0.1:{port}",
                     "--upstream",
@@ -372,7 +372,7 @@ routes:
                 self.cpu_proxy,
                 env=self.env(),
             )
-            wait_until("bare proxy", lambda: self._get_ok(port), child)
+            wait_until(f"{name} proxy", lambda: self._get_ok(port), child)
         elif name in ("gateway", "gateway-w2"):
             config = self.gateway_yaml(port, admin)
             extra = ["--workers", "2"] if name == "gateway-w2" else []
@@ -527,6 +527,7 @@ routes:
         self.emu("/_emulator/reset", {})
         ours = {t.child.pid, self.upstream.pid, self.emulator.pid}
         before = {pid: measure.cpu_seconds(pid) for pid in ours}
+        tree_before = measure.cpu_seconds_by_pid(t.child.pid)
         self_before = _own_cpu()
         busy0, steal0 = measure.system_cpu()
         wall0 = time.monotonic()
@@ -542,6 +543,7 @@ routes:
         busy1, steal1 = measure.system_cpu()
         wall = time.monotonic() - wall0
         after = {pid: measure.cpu_seconds(pid) for pid in ours}
+        tree_after = measure.cpu_seconds_by_pid(t.child.pid)
         self_after = _own_cpu()  # this process and its reaped children: wrk, taskset
         delta = {pid: after[pid] - before[pid] for pid in ours}
         other = (busy1 - busy0) - sum(delta.values()) - (self_after - self_before)
@@ -550,6 +552,7 @@ routes:
         if not t.child.alive():
             raise BenchError(f"{t.name} died during the run; log {t.child.log}")
         n = max(result.requests, 1)
+        loaded = result.duration_s if result.duration_s > 0 else wall  # wrk's own clock
         lat = result.latency_us
         run: report.Run = {
             "rps": result.rps,
@@ -561,6 +564,20 @@ routes:
             "mean_ms": lat["mean"] / 1000,
             "max_ms": lat["max"] / 1000,
             "cpu_us_per_req": delta[t.child.pid] * 1e6 / n,
+            # The server tree's CPU seconds per second of load (wrk's duration; the delta
+            # also spans wrk's start-up, when the server idles), and the requests it served
+            # per CPU second (= 1e6 / CPU µs per request; the workers target uses it).
+            "cpu_cores": delta[t.child.pid] / loaded,
+            "req_per_cpu_s": result.requests / delta[t.child.pid] if delta[t.child.pid] else 0.0,
+            # Per process of the server tree (supervisor and workers), busiest first.
+            "cpu_cores_by_process": sorted(
+                (
+                    (tree_after[pid] - tree_before[pid]) / loaded
+                    for pid in tree_after
+                    if pid in tree_before
+                ),
+                reverse=True,
+            ),
             "upstream_cpu_us_per_req": delta[self.upstream.pid] * 1e6 / n,
             "emulator_cpu_us_per_req": delta[self.emulator.pid] * 1e6 / n,
             "peak_rss_mib": measure.peak_rss_bytes(t.child.pid) / 2**20,
@@ -579,7 +596,7 @@ routes:
     # ------------------------------------------------------------------ scenarios
     def scenario_hot(self) -> None:
         c64 = self.pick(MAIN_CONFIGS)
-        c1 = self.pick(("direct", "nginx", "bare", "gateway"))
+        c1 = self.pick(("direct", "nginx", "bare", "client", "gateway"))
         with self.proxies(sorted(set(c64) | set(c1), key=MAIN_CONFIGS.index)) as targets:
             self.run_case(
                 "hot",
@@ -596,6 +613,18 @@ routes:
                 targets,
                 c1,
                 connections=1,
+            )
+        w2_cores = [
+            "[" + ", ".join(f"{c:.2f}" for c in r["cpu_cores_by_process"]) + "]"
+            for r in self.runs
+            if r["scenario"] == "hot" and r["case"] == "c64" and r["config"] == "gateway-w2"
+        ]
+        if w2_cores:
+            self.notes.setdefault("hot", []).append(
+                "gateway-w2, cores used per process (busiest first; supervisor included) in each "
+                "c64 run: " + ", ".join(w2_cores) + ". wrk, the upstream nginx and the emulator "
+                f"share CPU {self.cpu_load} with one worker: the workers target therefore compares "
+                "requests per CPU-second (see Targets), not raw req/s"
             )
 
     def scenario_warm(self) -> None:
@@ -830,7 +859,7 @@ routes:
 
     def scenario_bodies(self) -> None:
         small = self.pick(("gateway",))
-        big = self.pick(("nginx", "bare", "gateway"))
+        big = self.pick(("nginx", "bare", "client", "gateway"))
         with self.proxies(sorted(set(small) | set(big), key=MAIN_CONFIGS.index)) as targets:
             for target in targets.values():
                 self.sanity_bodies(target)
@@ -876,7 +905,11 @@ routes:
         results = report.aggregate(self.runs)
         for scenario, notes in self.notes.items():
             if scenario in results:
-                results[scenario]["notes"] = notes
+                results[scenario]["notes"] = list(notes)
+        split = report.halves(results)
+        for scenario, notes in report.halves_notes(split).items():
+            results[scenario]["halves"] = split[scenario]
+            results[scenario].setdefault("notes", [])[:0] = notes
         extra = {
             "skipped": self.skipped,
             "large_cache": self.large_cache,
@@ -922,6 +955,7 @@ def _prefill_report_ready(child: Child) -> Callable[[], bool]:
 _ROLE = {
     "nginx": "nginx proxy",
     "bare": "bare proxy",
+    "client": "client proxy",
     "gateway": "gateway",
     "gateway-w2": "gateway-w2",
 }

@@ -63,7 +63,15 @@ class CompiledRoute:
 class Plan:
     """Everything a request reads from the config, built once per (re)load."""
 
-    __slots__ = ("cfg", "decider", "header_policy", "max_token_bytes", "router", "routes")
+    __slots__ = (
+        "cfg",
+        "decider",
+        "header_policy",
+        "max_token_bytes",
+        "routed",
+        "router",
+        "routes",
+    )
 
     def __init__(self, cfg: Config, pool_for: Callable[[Upstream], Pool], metrics: Metrics) -> None:
         self.cfg = cfg
@@ -72,6 +80,9 @@ class Plan:
         self.header_policy = HeaderPolicy(cfg.headers, cfg.trusted_proxies)
         self.max_token_bytes = cfg.max_token_bytes
         self.routes = {r.name: CompiledRoute(r, pool_for(r.upstream), metrics) for r in cfg.routes}
+        # (method, raw target) -> where it goes: routing is a pure function of the two for
+        # one plan, so the hot path's repeated targets skip normalising and matching.
+        self.routed: dict[tuple[bytes, bytes], Routed] = {}
 
 
 class Miss(NamedTuple):
@@ -87,16 +98,26 @@ class Routed(NamedTuple):
     target: bytes  # path and query as forwarded
 
 
-def route_request(plan: Plan, method: str, raw_target: str) -> Routed | Denial:
+_ROUTED_CACHE_SIZE = 4096
+
+
+def route_request(plan: Plan, method: bytes, raw_target: bytes) -> Routed | Denial:
+    key = (method, raw_target)
+    routed = plan.routed.get(key)
+    if routed is not None:
+        return routed
     try:
-        target = parse_target(raw_target)
+        target = parse_target(raw_target.decode("latin-1"))
     except PathError as exc:
         return denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
-    route = plan.router.match(method, target.path)
+    route = plan.router.match(method.decode("latin-1"), target.path)
     if route is None:
         return NOT_FOUND
-    forward = target.forward
-    return Routed(plan.routes[route.name], target.path, forward.encode())
+    routed = Routed(plan.routes[route.name], target.path, target.forward.encode())
+    if len(plan.routed) >= _ROUTED_CACHE_SIZE:
+        plan.routed.clear()  # bounded; a client varying its targets only empties it
+    plan.routed[key] = routed
+    return routed
 
 
 def check_framing(inbound: Inbound, http11: bool, limit: int) -> Denial | None:

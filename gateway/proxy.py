@@ -56,6 +56,7 @@ _FORWARDING = frozenset(
 _RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP) | {b"x-request-id"}
 _CRLF = b"\r\n"
 _SEP = b": "
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 class Inbound:
@@ -215,19 +216,33 @@ class HeaderPolicy:
         return b"".join(parts)
 
 
+# Response header spelling -> 0 relayed, 1 dropped, 2 Connection (dropped, and read).
+_RESPONSE_KINDS: dict[bytes, int] = {}
+
+
+def _response_kind(name: bytes) -> int:
+    lower = name.lower()
+    kind = (2 if lower == b"connection" else 1) if lower in _RESPONSE_DROP else 0
+    if len(_RESPONSE_KINDS) < 4096:
+        _RESPONSE_KINDS[name] = kind
+    return kind
+
+
 def response_headers(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     """The upstream's end-to-end headers, in order and with duplicates, as head parts."""
     parts: list[bytes] = []
     listed: list[bytes] | None = None
+    kinds = _RESPONSE_KINDS
     for name, value in headers:
-        lower = name.lower()
-        if lower in _RESPONSE_DROP:
-            if lower == b"connection":
-                if listed is None:
-                    listed = []
-                listed.append(value)
-            continue
-        parts += (name, _SEP, value, _CRLF)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _response_kind(name)
+        if kind == 0:
+            parts += (name, _SEP, value, _CRLF)
+        elif kind == 2:
+            if listed is None:
+                listed = []
+            listed.append(value)
     if listed is not None:
         _drop_listed(parts, listed, 0)
     return parts
@@ -235,6 +250,8 @@ def response_headers(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
 
 def _drop_listed(parts: list[bytes], values: list[bytes], start: int) -> None:
     """Drop, in place, the header fields a Connection header lists (parts: 4 per header)."""
+    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+        return  # the common case: nothing is listed
     listed = {t.strip().lower() for v in values for t in v.split(b",")}
     listed -= {b"", b"close", b"keep-alive"}
     if not listed:

@@ -196,11 +196,11 @@ class Listener:
             client_id = '"' + identity.client_id + '"'
             subject = "null" if identity.subject is None else _json_str(identity.subject)
         access_log.write(
-            f'"request_id":"{ex.request_id}","remote":"{ex.conn.peer}",'
+            f'{{"request_id":"{ex.request_id}","remote":"{ex.conn.peer}",'
             f'"route":"{name}","method":"{ex.method_name}","path":{path},'
             f'"status":{ex.status},"duration":{duration:.6f},"upstream_duration":{upstream},'
             f'"cache":{cache},"client_id":{client_id},"subject":{subject},'
-            f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out}'
+            f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"time":{time.time():.6f}}}'
         )
 
 
@@ -253,9 +253,6 @@ class ClientConnection(asyncio.Protocol):
             return  # closing, or after an upgrade: nothing more is read as HTTP
         if self.in_head:
             self.head_bytes += len(data)
-            if self.head_bytes > self.listener.max_head_bytes:
-                self._parse_failed(_TOO_BIG, "head too large")
-                return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -265,6 +262,10 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             if not isinstance(exc.__context__, _Refused):
                 self._parse_failed(_MALFORMED, type(exc).__name__)
+        if self.in_head and self.head_bytes > self.listener.max_head_bytes:
+            # A head still incomplete after this many bytes (llhttp holds at most the field
+            # it is in; the fields read so far were bounded one by one).
+            self._parse_failed(_TOO_BIG, "head too large")
         if self.out:
             self.flush()
 
@@ -353,8 +354,11 @@ class ClientConnection(asyncio.Protocol):
         if not parser.should_keep_alive() or parser.should_upgrade():
             ex.keep_alive = False
         self.parsing = ex
-        # Until on_message_complete (at once for a request without a body).
-        self._expect(_BODY, self.listener.limits.idle_timeout)
+        if ex.body_expected():  # the body must keep arriving, until on_message_complete
+            self._expect(_BODY, self.listener.limits.idle_timeout)
+        else:
+            self.deadline_kind = _NONE
+            self.deadline = _NEVER
         if self.cur is None:
             self.cur = ex
             ex.begin()
@@ -585,6 +589,7 @@ class Exchange:
         "status",
         "target",
         "task",
+        "unsent_head",
         "up",
         "upload_paused",
         "upstream_head_bytes",
@@ -630,6 +635,7 @@ class Exchange:
         self.upstream_started = 0.0
         self.upstream_seconds: float | None = None
         self.response_started = False
+        self.unsent_head = False  # the response head is in the output, not yet written
         self.response_chunked = False
         self.response_done = False
         self.retried = False
@@ -659,7 +665,7 @@ class Exchange:
         if refused is not None:
             self.refuse(refused)
             return
-        routed = route_request(plan, self.method_name, self.raw_target.decode("latin-1"))
+        routed = route_request(plan, self.method, self.raw_target)
         if isinstance(routed, Denial):
             self.deny(routed)
             return
@@ -940,6 +946,7 @@ class Exchange:
         else:
             parts.append(b"\r\n")
         self.conn.out.append(b"".join(parts))
+        self.unsent_head = True
 
     def upstream_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -986,6 +993,12 @@ class Exchange:
                 self.conn.listener.metrics.upstream_errors.labels(route.name, kind)
             )
         errors.inc()
+        if self.unsent_head:
+            # The head arrived in the same read as the fault: nothing was relayed yet, so
+            # the client can still get an honest 502 instead of a cut connection.
+            self.conn.out.clear()
+            self.response_started = self.unsent_head = self.response_chunked = False
+            self.keep_alive = self.keep_alive and self.request_done
         if self.response_started:
             # The status line is gone already: all we can honestly do is cut the connection,
             # so the client sees a truncated message instead of a complete wrong one.
@@ -998,6 +1011,7 @@ class Exchange:
             self.conn.flush()
 
     def upstream_flush(self) -> None:
+        self.unsent_head = False
         if self.conn.out:
             self.conn.flush()
 

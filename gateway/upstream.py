@@ -154,9 +154,9 @@ class UpstreamConnection(asyncio.Protocol):
     """One upstream connection; serves one exchange at a time."""
 
     __slots__ = (
+        "_early",
         "_eof_delimited",
         "_head_bytes",
-        "_head_size",
         "_headers",
         "_interim",
         "_keep_alive",
@@ -192,11 +192,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.started = False
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
-        self._head_size = 0
         self._reason = b""
         self._interim = False
         self._keep_alive = False
         self._eof_delimited = False
+        self._early = False
         self._skip = False
         self._skipping = False
 
@@ -274,12 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         self.last_read = time.monotonic()
         if not self.started:
-            # Coarse: a read holds the head and often body bytes too. The exact bound is
-            # counted field by field in on_header.
             self._head_bytes += len(data)
-            if self._head_bytes > 16 * MAX_RESPONSE_HEAD_BYTES:
-                self._fail("protocol")
-                return
         try:
             self.parser.feed_data(data)
         except HttpParserError:
@@ -288,6 +283,11 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self._skipping = False
             self._end_head_only()
+        if not self.started and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            # A head still incomplete after this many bytes (llhttp holds at most the
+            # field it is in): refused, like one with too many fields.
+            self._fail("protocol")
+            return
         receiver.upstream_flush()
 
     def eof_received(self) -> bool | None:
@@ -309,7 +309,6 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
         self._headers = []
-        self._head_size = 0
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
@@ -318,9 +317,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         headers.append((name, value))
-        self._head_size += len(name) + len(value)
-        if len(headers) > MAX_RESPONSE_HEADERS or self._head_size > MAX_RESPONSE_HEAD_BYTES:
-            raise HttpParserError("response head too large")
+        if len(headers) > MAX_RESPONSE_HEADERS:
+            raise HttpParserError("too many response header fields")
 
     def on_headers_complete(self) -> None:
         receiver = self.receiver
@@ -331,6 +329,12 @@ class UpstreamConnection(asyncio.Protocol):
         reason = self._reason
         if not valid_reason(reason):
             raise HttpParserError("invalid reason phrase")
+        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES and (
+            sum(len(n) + len(v) + 4 for n, v in self._headers) + len(reason)
+            > MAX_RESPONSE_HEAD_BYTES
+        ):
+            # (Only counted when what arrived so far could hold a head that large.)
+            raise HttpParserError("response head too large")
         if status < 200:
             if status == 101:  # the gateway never asks for an upgrade
                 raise HttpParserError("unrequested upgrade")
@@ -339,6 +343,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._interim = False
         self.started = True
+        # An answer that began before the whole request was sent: whether the upstream
+        # read the rest is unknown, so this connection is not used again.
+        self._early = not self.request_sent
         self._head_bytes = 0
         self._keep_alive = parser.should_keep_alive()
         if self._skip or status == 204 or status == 304:
@@ -376,7 +383,7 @@ class UpstreamConnection(asyncio.Protocol):
         receiver = self.receiver
         self.receiver = None
         self.started = False
-        if keep_alive and self.request_sent and self.transport is not None:
+        if keep_alive and self.request_sent and not self._early and self.transport is not None:
             self.reusable = True
             self.pool.release(self)
         else:

@@ -28,8 +28,10 @@ REQUIRED = (
     "pinned_cpus",
 )
 TARGET_IDS = (
-    "hot-rps",
-    "hot-cpu",
+    "hot-cpu-nginx",
+    "hot-cpu-nginx-moonshot",
+    "hot-rps-bare",
+    "hot-c1-p50",
     "workers",
     "large-p99",
     "large-bytes",
@@ -94,11 +96,12 @@ def test_main_configurations_ran(bench_run: tuple[Path, str]) -> None:
     out, _ = bench_run
     doc = _report(out)
     hot = doc["scenarios"]["hot"]["cases"]["c64"]["configs"]
-    expected = {"direct", "nginx", "bare", "gateway"}
+    expected = {"direct", "nginx", "bare", "client", "gateway"}
     if "gateway-w2" not in doc["skipped"]:
         expected.add("gateway-w2")
     assert expected <= set(hot)
-    assert hot["gateway"]["vs"].keys() == {"direct", "nginx", "bare"}
+    assert hot["gateway"]["vs"].keys() == {"direct", "nginx", "bare", "client"}
+    assert set(doc["scenarios"]["hot"]["halves"]) == {"c64", "c1"}
     assert doc["pinning"]
 
 
