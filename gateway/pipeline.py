@@ -122,7 +122,7 @@ def route_request(plan: Plan, method: bytes, raw_target: bytes) -> Routed | Deni
 
 def check_framing(inbound: Inbound, http11: bool, limit: int) -> Denial | None:
     """Refusals after which the connection is closed: the body cannot be trusted or read."""
-    if inbound.transfer_encoding:
+    if inbound.transfer_encoding is not None:
         # Only a single "chunked" is unambiguous; anything else is refused, never passed on
         # for an upstream to read differently (request smuggling).
         te = inbound.transfer_encoding
@@ -134,7 +134,7 @@ def check_framing(inbound: Inbound, http11: bool, limit: int) -> Denial | None:
 
 
 def token_of(plan: Plan, inbound: Inbound) -> str | Denial:
-    token = bearer.extract(inbound.authorization, plan.max_token_bytes)
+    token = bearer.extract(inbound.authorization or (), plan.max_token_bytes)
     if isinstance(token, bearer.NoToken):
         return plan.decider.no_token(token)
     return token

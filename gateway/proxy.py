@@ -70,7 +70,8 @@ class Inbound:
         "expect",
         "forwarded_host",
         "forwarded_proto",
-        "hosts",
+        "host",
+        "host_count",
         "kept",
         "request_id",
         "transfer_encoding",
@@ -79,14 +80,16 @@ class Inbound:
 
     def __init__(self) -> None:
         self.kept: list[bytes] = []  # name, ": ", value, CRLF for each passing header
-        self.hosts: list[bytes] = []
-        self.authorization: list[str] = []
+        self.host: bytes | None = None  # the first
+        self.host_count = 0
+        # Lists only for headers that are present (most requests have none of these).
+        self.authorization: list[str] | None = None
         self.content_length: bytes | None = None
-        self.transfer_encoding: list[bytes] = []
+        self.transfer_encoding: list[bytes] | None = None
         self.expect: bytes | None = None
         self.request_id: bytes | None = None
-        self.connection: list[bytes] = []
-        self.x_forwarded_for: list[bytes] = []
+        self.connection: list[bytes] | None = None
+        self.x_forwarded_for: list[bytes] | None = None
         self.forwarded_proto: bytes | None = None
         self.forwarded_host: bytes | None = None
 
@@ -105,6 +108,20 @@ class HeaderPolicy:
         self._kinds_trusted: dict[bytes, int] = {}
         self._kinds_untrusted: dict[bytes, int] = {}
         self._trusted_networks = trusted_proxies
+        self._identity_blocks: dict[Active, bytes] = {}
+
+    def _identity_block(self, identity: Active) -> bytes:
+        """The identity header lines for a verdict; remembered for recently seen verdicts."""
+        lines = (
+            [] if identity.subject is None else [self._subject, identity.subject.encode(), _CRLF]
+        )
+        lines += (self._scopes, identity.scope_header.encode(), _CRLF)
+        lines += (self._client_id, identity.client_id.encode(), _CRLF)
+        block = b"".join(lines)
+        if len(self._identity_blocks) >= 4096:
+            self._identity_blocks.clear()  # bounded; rebuilding is cheap
+        self._identity_blocks[identity] = block
+        return block
 
     def trusts(self, peer: str) -> bool:
         if not peer or not self._trusted_networks:
@@ -141,28 +158,38 @@ class HeaderPolicy:
             elif kind == _DROP:
                 continue
             elif kind == _AUTHORIZATION:
+                if inbound.authorization is None:
+                    inbound.authorization = []
                 inbound.authorization.append(value.decode("latin-1"))
                 kept += (name, _SEP, value, _CRLF)
             elif kind == _HOST:
-                inbound.hosts.append(value)
+                if inbound.host is None:
+                    inbound.host = value
+                inbound.host_count += 1
             elif kind == _CONTENT_LENGTH:
                 inbound.content_length = value  # llhttp refuses a second one
             elif kind == _TRANSFER_ENCODING:
+                if inbound.transfer_encoding is None:
+                    inbound.transfer_encoding = []
                 inbound.transfer_encoding.append(value)
             elif kind == _EXPECT:
                 inbound.expect = value
             elif kind == _REQUEST_ID:
                 inbound.request_id = value
             elif kind == _CONNECTION:
+                if inbound.connection is None:
+                    inbound.connection = []
                 inbound.connection.append(value)
             elif kind == _X_FORWARDED_FOR:
+                if inbound.x_forwarded_for is None:
+                    inbound.x_forwarded_for = []
                 inbound.x_forwarded_for.append(value)
             elif kind == _X_FORWARDED_PROTO:
                 if trusted and inbound.forwarded_proto is None:
                     inbound.forwarded_proto = value
             elif kind == _X_FORWARDED_HOST and trusted and inbound.forwarded_host is None:
                 inbound.forwarded_host = value
-        if inbound.connection:
+        if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)
         return inbound
 
@@ -192,21 +219,15 @@ class HeaderPolicy:
         )
         # A proxy we trust terminated the client's connection: its view of the host is the
         # real one. Anyone else could claim any host: only what we saw goes on.
-        host = inbound.forwarded_host or (inbound.hosts[0] if inbound.hosts else None)
+        host = inbound.forwarded_host or inbound.host
         if host:
             parts += (b"X-Forwarded-Host: ", host, _CRLF)
         parts += (b"X-Request-Id: ", request_id, _CRLF)
         if identity is not None:
-            if identity.subject is not None:
-                parts += (self._subject, identity.subject.encode(), _CRLF)
-            parts += (
-                self._scopes,
-                identity.scope_header.encode(),
-                _CRLF,
-                self._client_id,
-                identity.client_id.encode(),
-                _CRLF,
-            )
+            block = self._identity_blocks.get(identity)
+            if block is None:
+                block = self._identity_block(identity)
+            parts.append(block)
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif inbound.content_length is not None:

@@ -354,8 +354,9 @@ class ClientConnection(asyncio.Protocol):
         if not parser.should_keep_alive() or parser.should_upgrade():
             ex.keep_alive = False
         self.parsing = ex
-        if ex.body_expected():  # the body must keep arriving, until on_message_complete
-            self._expect(_BODY, self.listener.limits.idle_timeout)
+        if ex.has_body:  # the body must keep arriving, until on_message_complete
+            self.deadline_kind = _BODY
+            self.deadline = time.monotonic() + self.listener.limits.idle_timeout
         else:
             self.deadline_kind = _NONE
             self.deadline = _NEVER
@@ -469,7 +470,8 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self.in_head and self.deadline_kind != _HEAD:
-            self._expect(_IDLE, self.listener.limits.idle_timeout)
+            self.deadline_kind = _IDLE
+            self.deadline = time.monotonic() + self.listener.limits.idle_timeout
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
@@ -567,6 +569,7 @@ class Exchange:
         "conn",
         "finished",
         "gone",
+        "has_body",
         "headers",
         "http11",
         "identity",
@@ -615,7 +618,9 @@ class Exchange:
         self.keep_alive = True
         plan = self.plan = conn.listener.plan
         inbound = self.inbound = plan.header_policy.scan(headers, conn.trusted)
-        self.chunked = bool(inbound.transfer_encoding)
+        self.chunked = inbound.transfer_encoding is not None
+        length = inbound.content_length
+        self.has_body = self.chunked or (length is not None and length.strip(b"0 \t") != b"")
         self.request_id = ""
         self.route: CompiledRoute | None = None
         self.path: str | None = None
@@ -658,13 +663,14 @@ class Exchange:
         self.request_id = listener.request_ids.take(
             rid.decode("latin-1") if rid is not None else None
         )
-        if (self.http11 and len(inbound.hosts) != 1) or len(inbound.hosts) > 1:
+        if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
             self.refuse(BAD_HOST)
             return
-        refused = check_framing(inbound, self.http11, 0)
-        if refused is not None:
-            self.refuse(refused)
-            return
+        if inbound.transfer_encoding is not None:
+            refused = check_framing(inbound, self.http11, 0)
+            if refused is not None:
+                self.refuse(refused)
+                return
         routed = route_request(plan, self.method, self.raw_target)
         if isinstance(routed, Denial):
             self.deny(routed)
@@ -690,12 +696,6 @@ class Exchange:
             return
         verdict, self.cache = found
         self.decide(routed, verdict)
-
-    def body_expected(self) -> bool:
-        inbound = self.inbound
-        return self.chunked or (
-            inbound.content_length is not None and inbound.content_length.strip(b"0 \t") != b""
-        )
 
     async def _await_verdict(self, routed: Routed, miss: Miss) -> None:
         conn = self.conn
@@ -814,13 +814,17 @@ class Exchange:
             self.request_id.encode(),
             self.chunked,
         )
-        if self.http11 and self._expects_continue() and self.body_expected():
+        if self.has_body and self.http11 and self._expects_continue():
             # The token is good: let the client send its body now instead of after its own
             # timeout. The upstream never sees the Expect, so it sends no 100 of its own.
             conn.out.append(_CONTINUE)
         self.upstream_started = time.perf_counter()
         route.overhead.observe(self.upstream_started - self.started)
-        self._connect(route)
+        up = route.pool.acquire()
+        if up is not None:
+            self.upstream_ready(up)
+        else:
+            route.pool.open(self, route.timeout)
 
     def _connect(self, route: CompiledRoute) -> None:
         up = route.pool.acquire()
@@ -979,7 +983,7 @@ class Exchange:
             and not self.retried
             and not self.response_started
             and self.method in IDEMPOTENT
-            and not self.body_expected()
+            and not self.has_body
             and self.request_done
         ):
             # A reused keep-alive connection the upstream had closed: once more, afresh.

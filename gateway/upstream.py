@@ -211,7 +211,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.started = False
         self._head_bytes = 0
         self._skip = head_request
-        self.last_read = time.monotonic()
         assert self.transport is not None
         self.transport.write(head)
 
