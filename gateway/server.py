@@ -748,7 +748,9 @@ class Exchange:
             parts.append(b"Connection: close\r\n")
         elif not self.http11:
             parts.append(b"Connection: keep-alive\r\n")
-        parts += (b"\r\n", refused.body)
+        parts.append(b"\r\n")
+        if self.method != b"HEAD":  # a HEAD answer announces its body but carries none
+            parts.append(refused.body)
         conn.out.append(b"".join(parts))
         self.response_started = self.response_done = True
         self.body = None

@@ -1880,3 +1880,27 @@ async def test_pooled_connection_closed_on_arrival_retries_get_never_post(
     if three.status != 200:  # sent on a pooled connection that closed: not retried
         assert_json_error(three, 502)
     no_errors_logged()
+
+
+@pytest.mark.parametrize("target", ["/api/no-token", "/nowhere"], ids=["401", "404"])
+async def test_local_answer_to_head_has_no_body_and_keeps_the_connection(
+    launch: Launch, raw_upstream: MakeUpstream, target: str
+) -> None:
+    """The gateway's own answers follow the HEAD rule too: the length is announced, no body
+    follows, and the next request on the connection is read from the right place."""
+    up = await raw_upstream(http())
+    gw = await launch(up)
+    client = await Client.open(gw.port)
+    try:
+        assert await client.send(
+            head("HEAD", target) + head("GET", "/public/next", "Connection: close")
+        )
+        first = await client.response("HEAD")
+        assert first.status in (401, 404)
+        assert first.values("Content-Length") != [b"0"]
+        assert first.body == b""
+        second = await client.response("GET")
+        assert second.status == 200, second
+    finally:
+        client.close()
+    assert up.targets() == ["/public/next"]
