@@ -137,7 +137,14 @@ class HeaderPolicy:
         kind = _SPECIAL.get(lower)
         if kind is not None:
             return kind
-        if lower in HOP_BY_HOP or fold(lower) in self._identity:
+        folded = fold(lower)
+        if lower in HOP_BY_HOP or folded in self._identity:
+            return _DROP
+        if folded != lower and (
+            folded in _SPECIAL or folded in _FORWARDING or folded in HOP_BY_HOP
+        ):
+            # `X_Forwarded_Host`, `Content_Length`: many frameworks read `_` as `-`, so an
+            # underscore spelling of a name the gateway decides on or replaces is dropped.
             return _DROP
         if not trusted and lower in _FORWARDING:
             return _DROP

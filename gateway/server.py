@@ -63,6 +63,11 @@ _PAUSE_UPLOAD = 2  # the upstream connection's write buffer is full
 _PAUSE_BUFFER = 4  # body buffered while the verdict or the upstream connection is pending
 _PAUSE_DONE = 8  # nothing more will be read on this connection
 _BUFFER_LIMIT = 256 * 1024
+# Reads of at most 64 KiB, into one buffer shared by every connection (filled and parsed in
+# the same callback; llhttp hands out copies): what a connection holds in flight stays small
+# whatever the kernel has ready, and no read allocates.
+_READ_SIZE = 64 * 1024
+_read_buffer = memoryview(bytearray(_READ_SIZE))
 # A local answer (401, 404, ...) to a request whose body is still coming: a small rest is
 # read and dropped so the connection stays usable; anything more closes it.
 _DISCARD_LIMIT = 64 * 1024
@@ -204,7 +209,7 @@ class Listener:
         )
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.BufferedProtocol):
     """One client connection: the parser's callbacks are its entry points."""
 
     def __init__(self, listener: Listener) -> None:
@@ -248,7 +253,13 @@ class ClientConnection(asyncio.Protocol):
         # A connection's first request head must arrive within header_timeout of the connection.
         self._expect(_HEAD, listener.limits.header_timeout)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.paused & _PAUSE_DONE:
             return  # closing, or after an upgrade: nothing more is read as HTTP
         if self.in_head:

@@ -29,6 +29,10 @@ MAX_IDLE_SECONDS = 1.5
 MAX_IDLE_CONNECTIONS = 1024  # per origin; more than this are closed when released
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 MAX_RESPONSE_HEADERS = 256
+# Reads of at most 64 KiB into one buffer shared by every upstream connection (filled and
+# parsed in one callback; llhttp hands out copies): bounded memory in flight, no allocation.
+_READ_SIZE = 64 * 1024
+_read_buffer = memoryview(bytearray(_READ_SIZE))
 
 
 class Receiver(Protocol):
@@ -150,7 +154,7 @@ class Pool:
         self.idle.clear()
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.BufferedProtocol):
     """One upstream connection; serves one exchange at a time."""
 
     __slots__ = (
@@ -212,6 +216,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._skip = head_request
         assert self.transport is not None
+        if self.read_paused:  # paused for a slow reader of the exchange before
+            self.read_paused = False
+            self.transport.resume_reading()
         self.transport.write(head)
 
     def write(self, data: bytes) -> None:
@@ -265,7 +272,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.receiver is not None:
             self.receiver.resume_upload()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         receiver = self.receiver
         if receiver is None:  # bytes nobody asked for: the connection cannot be trusted
             self.close()
@@ -281,7 +294,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail("protocol")
                 return
             self._skipping = False
-            self._end_head_only()
+            # llhttp stopped at the head: reusable only if nothing followed it in this read.
+            self._end_head_only(data[-4:] == b"\r\n\r\n")
         if not self.started and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
             # A head still incomplete after this many bytes (llhttp holds at most the
             # field it is in): refused, like one with too many fields.
@@ -307,6 +321,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
+        if self.receiver is None:
+            # Bytes after a complete answer, in the same read: nobody asked for them, and
+            # the connection is out of step with its requests (it is closed, never reused).
+            raise HttpParserError("unrequested response")
         self._headers = []
         self._reason = b""
 
@@ -350,13 +368,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self._skip or status == 204 or status == 304:
             framing = NO_BODY
         else:
+            # As llhttp reads it (RFC 9112 section 6.3): chunked only when it is the final
+            # coding of the last Transfer-Encoding field; any other coding ends at EOF.
             framing = STREAM
             for name, value in self._headers:
                 lower = name.lower()
                 if lower == b"content-length":
                     framing = LENGTH  # llhttp refuses it beside Transfer-Encoding
-                elif lower == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
-                    framing = CHUNKED
+                elif lower == b"transfer-encoding":
+                    last = value.rpartition(b",")[2].strip().lower()
+                    framing = CHUNKED if last == b"chunked" else STREAM
         self._eof_delimited = framing == STREAM
         receiver.upstream_head(status, reason, self._headers, framing)
         if self._skip:
@@ -374,9 +395,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete(self.parser.should_keep_alive() and self._keep_alive)
 
     # ------------------------------------------------------------------ endings
-    def _end_head_only(self) -> None:
+    def _end_head_only(self, clean: bool) -> None:
         self.parser = HttpResponseParser(self)
-        self._complete(self._keep_alive)
+        self._complete(self._keep_alive and clean)
 
     def _complete(self, keep_alive: bool) -> None:
         receiver = self.receiver

@@ -4,7 +4,9 @@ loopback sockets. Nothing of our own HTTP path is mocked."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +182,78 @@ async def start_app(app: web.Application) -> tuple[web.AppRunner, str, int]:
     await site.start()
     port = int(runner.addresses[0][1])
     return runner, f"http://127.0.0.1:{port}", port
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM), or None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    kib = status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM (Linux >= 4.0: write 5 to clear_refs). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return status_kib("VmHWM") is not None
+
+
+class RssWatch:
+    """Peak resident-set growth of this process (tests run client, gateway and upstream in it).
+
+    Sampled every few milliseconds and, where the kernel allows, also read from VmHWM after
+    resetting it, so a short spike between samples is not missed.
+    """
+
+    def __init__(self) -> None:
+        self.baseline = 0
+        self.peak = 0
+        self._hwm = False
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+
+    async def __aenter__(self) -> RssWatch:
+        gc.collect()
+        self._hwm = reset_peak()
+        self.baseline = rss_bytes()
+        self.peak = self.baseline
+        self._running = True
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, rss_bytes())
+            await asyncio.sleep(0.005)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._running = False
+        assert self._task is not None
+        await self._task
+        self.peak = max(self.peak, rss_bytes())
+        if self._hwm:
+            hwm = status_kib("VmHWM")
+            if hwm is not None:
+                self.peak = max(self.peak, hwm * 1024)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline

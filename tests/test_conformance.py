@@ -23,12 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import hashlib
 import json
 import logging
 import os
-import resource
 import socket
 import struct
 import time
@@ -39,7 +37,7 @@ from typing import Any
 import pytest
 
 from gateway.emulator import Emulator
-from tests.conftest import Running, StartGateway
+from tests.conftest import RssWatch, Running, StartGateway
 
 HOST = "gateway.test"
 TOKEN = "tok-conformance"
@@ -694,74 +692,6 @@ def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], 
 
 
 # =========================================================================== memory
-
-
-def _status_kib(name: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM (Linux >= 4.0: write 5 to clear_refs). True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-class RssWatch:
-    """Peak resident-set growth of this process (the gateway runs in it), sampled every few
-    milliseconds and, where the kernel allows, read from VmHWM after resetting it."""
-
-    def __init__(self) -> None:
-        self.baseline = 0
-        self.peak = 0
-        self._hwm = False
-        self._running = False
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> RssWatch:
-        gc.collect()
-        self._hwm = _reset_peak()
-        self.baseline = _rss_bytes()
-        self.peak = self.baseline
-        self._running = True
-        self._task = asyncio.create_task(self._sample())
-        return self
-
-    async def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, _rss_bytes())
-            await asyncio.sleep(0.005)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._running = False
-        assert self._task is not None
-        await self._task
-        self.peak = max(self.peak, _rss_bytes())
-        if self._hwm:
-            hwm = _status_kib("VmHWM")
-            if hwm is not None:
-                self.peak = max(self.peak, hwm * 1024)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
 
 
 # =========================================================================== 1. framing
@@ -1904,3 +1834,43 @@ async def test_local_answer_to_head_has_no_body_and_keeps_the_connection(
     finally:
         client.close()
     assert up.targets() == ["/public/next"]
+
+
+async def test_connections_paused_for_a_slow_reader_serve_the_next_request(
+    launch: Launch, raw_upstream: MakeUpstream
+) -> None:
+    """A 1 MiB answer to a client that reads slower than the upstream sends pauses reading
+    from the upstream; a pooled connection must not go back to the pool still paused, or the
+    next request sent on it never gets its answer."""
+
+    async def source(conn: UpConn, req: UpRequest) -> bytes | None:
+        if req.target != "/public/mib":
+            return await echo_answer(conn, req)
+        await conn.read_body(req)
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MiB)
+        await conn.send(BLOCK)
+        return b""
+
+    up = await raw_upstream(http(source))
+    gw = await launch(up)
+
+    async def downloads(count: int) -> int:
+        client = await Client.open(gw.port, rcvbuf=64 * KiB)
+        try:
+            for _ in range(count):
+                assert await client.send(head("GET", "/public/mib"))
+                resp = await client.head()
+                assert resp.status == 200
+                got = 0
+                while got < MiB:  # slowly: the gateway's write buffer fills up
+                    data = await asyncio.wait_for(client.reader.read(32 * KiB), WAIT)
+                    assert data, f"closed after {got} bytes"
+                    got += len(data)
+                    await asyncio.sleep(0.002)
+                assert got == MiB
+            return count
+        finally:
+            client.close()
+
+    done = await asyncio.wait_for(asyncio.gather(*(downloads(8) for _ in range(8))), 30)
+    assert sum(done) == 64

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from gateway.emulator import Emulator, Override
 from gateway.introspection import MAX_BODY_BYTES
 from tests.conftest import (
     RawResponse,
+    RssWatch,
     Running,
     StartGateway,
     bearer,
@@ -121,64 +121,6 @@ def gateway_log(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
         for r in caplog.records
         if r.levelno == level and (r.name == "gateway" or r.name.startswith("gateway."))
     ]
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0). True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-class PeakRss:
-    """Peak resident-set growth of this process while the block runs (VmHWM after resetting
-    it where the kernel allows, plus sampling every few milliseconds)."""
-
-    def __init__(self) -> None:
-        self.baseline = 0
-        self.peak = 0
-        self._hwm = False
-        self._task: asyncio.Task[None] | None = None
-        self._running = False
-
-    async def __aenter__(self) -> PeakRss:
-        gc.collect()
-        self._hwm = _reset_peak()
-        self.baseline = (_status_kib("VmRSS") or 0) * 1024
-        self.peak = self.baseline
-        self._running = True
-        self._task = asyncio.create_task(self._sample())
-        return self
-
-    async def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, (_status_kib("VmRSS") or 0) * 1024)
-            await asyncio.sleep(0.002)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._running = False
-        assert self._task is not None
-        await self._task
-        if self._hwm:
-            self.peak = max(self.peak, (_status_kib("VmHWM") or 0) * 1024)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
 
 
 @dataclass
@@ -459,7 +401,7 @@ async def test_enormous_authlete_answer_is_refused_without_reading_it_whole(
         )
         await get(gw.port, "/orders/warm")  # no token: warms the listener, no Authlete call
         before = outcomes(await scrape(gw))
-        async with PeakRss() as rss:
+        async with RssWatch() as rss:
             resp = await get(gw.port, "/orders/1", bearer(FAILING_TOKEN))
         assert_gateway_error(resp, 503)
         assert counting.hits == [], "an answer too large to read must never allow"

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import gzip
 import hashlib
 import json
 import os
-import resource
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +30,7 @@ from aiohttp import web
 from gateway.emulator import Emulator
 from tests.conftest import (
     RawResponse,
+    RssWatch,
     StartGateway,
     bearer,
     echo_of,
@@ -247,77 +246,6 @@ async def serve_raw() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM (Linux >= 4.0: write 5 to clear_refs). True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-class RssWatch:
-    """Peak resident-set growth of this process (client, gateway and upstream all live here).
-
-    Sampled every few milliseconds and, where the kernel allows, also read from VmHWM after
-    resetting it, so a short spike between samples is not missed.
-    """
-
-    def __init__(self) -> None:
-        self.baseline = 0
-        self.peak = 0
-        self._hwm = False
-        self._task: asyncio.Task[None] | None = None
-        self._running = False
-
-    async def __aenter__(self) -> RssWatch:
-        gc.collect()
-        self._hwm = _reset_peak()
-        self.baseline = _rss_bytes()
-        self.peak = self.baseline
-        self._running = True
-        self._task = asyncio.create_task(self._sample())
-        return self
-
-    async def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, _rss_bytes())
-            await asyncio.sleep(0.005)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._running = False
-        assert self._task is not None
-        await self._task
-        self.peak = max(self.peak, _rss_bytes())
-        if self._hwm:
-            hwm = _status_kib("VmHWM")
-            if hwm is not None:
-                self.peak = max(self.peak, hwm * 1024)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
 
 
 BIG = 128 * MiB
