@@ -33,7 +33,7 @@ from gateway.app import Gateway
 from gateway.cache import VerdictCache
 from gateway.config import load_config
 from gateway.introspection import parse_answer
-from gateway.runner import tune_gc
+from gateway.runner import tune_gc, tune_malloc
 from gateway.verdict import Active
 
 # A few scope sets shared by many tokens, as a real deployment has.
@@ -116,6 +116,7 @@ async def run(config: str, entries: int, sample: int) -> None:
     cfg = load_config(config)
     if cfg.cache.max_entries < entries + 1:
         raise SystemExit(f"cache.max_entries ({cfg.cache.max_entries}) must exceed --entries")
+    tune_malloc()  # what `gateway.runner.serve` does before it starts the gateway
     gateway = Gateway(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

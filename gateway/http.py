@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 from http import HTTPStatus
 
 # Meaningful for one connection only (RFC 9110 section 7.6.1): never forwarded either way.
@@ -64,6 +66,19 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return line
 
 
+_date: dict[int, bytes] = {}  # the current second -> its Date line
+
+
+def date_line() -> bytes:
+    """`Date: <IMF-fixdate>\r\n` for the gateway's own answers, formatted once a second."""
+    now = int(time.time())
+    line = _date.get(now)
+    if line is None:
+        _date.clear()
+        line = _date[now] = b"Date: %s\r\n" % formatdate(now, usegmt=True).encode()
+    return line
+
+
 def error_body(error: str, description: str) -> bytes:
     return json.dumps({"error": error, "error_description": description}).encode()
 
@@ -72,6 +87,8 @@ def closing_answer(status: int, error: str, description: str) -> bytes:
     """A whole JSON error answer after which the connection is closed."""
     body = error_body(error, description)
     return (
-        status_line(status) + b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+        status_line(status)
+        + date_line()
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n"
         b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" % len(body) + body
     )

@@ -21,7 +21,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.config import LimitsConfig
 from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, Denial
-from gateway.http import IDEMPOTENT, closing_answer, status_line
+from gateway.http import IDEMPOTENT, closing_answer, date_line, status_line
 from gateway.introspection import IntrospectionError
 from gateway.logs import AccessLog, RequestIds
 from gateway.metrics import NO_ROUTE, Metrics
@@ -49,10 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
-_REFUSED = closing_answer(
-    503, "temporarily_unavailable", "Too many connections; try again."
-)  # fmt: skip
-_HEADER_TIMEOUT = closing_answer(408, "request_timeout", "The request headers took too long.")
+_REFUSED = (503, "temporarily_unavailable", "Too many connections; try again.")
+_HEADER_TIMEOUT = (408, "request_timeout", "The request headers took too long.")
 _MALFORMED = (400, "invalid_request", "The request is not valid HTTP.")
 _TOO_BIG = (431, "invalid_request", "The request headers are too large.")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -242,7 +240,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if len(listener.connections) >= listener.limits.max_connections or listener.closing:
             listener.metrics.connections_refused.inc()
             self.closed = True
-            self._write(_REFUSED)
+            self._write(closing_answer(*_REFUSED))
             transport.close()
             return
         listener.connections.add(self)
@@ -537,14 +535,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             if self.cur is None:
                 self.listener.metrics.count_request(NO_ROUTE, "OTHER", 408)
                 self.closed = True
-                self._write(_HEADER_TIMEOUT)
+                self._write(closing_answer(*_HEADER_TIMEOUT))
                 if self.transport is not None:
                     self.transport.close()
             else:
                 self.deadline = _NEVER
-                self._parse_failed(
-                    (408, "request_timeout", "The request headers took too long."), "header timeout"
-                )
+                self._parse_failed(_HEADER_TIMEOUT, "header timeout")
         elif kind == _BODY:
             if self.paused & (_PAUSE_UPLOAD | _PAUSE_BUFFER | _PAUSE_PIPELINE):
                 self._expect(_BODY, self.listener.limits.idle_timeout)  # held by us
@@ -746,6 +742,7 @@ class Exchange:
         self.status = refused.status
         parts = [
             status_line(refused.status),
+            date_line(),
             b"Content-Type: application/json\r\nContent-Length: %d\r\n"
             b"Cache-Control: no-store\r\nPragma: no-cache\r\nX-Request-Id: " % len(refused.body),
             self.request_id.encode(),

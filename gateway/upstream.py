@@ -33,6 +33,7 @@ MAX_RESPONSE_HEADERS = 256
 # parsed in one callback; llhttp hands out copies): bounded memory in flight, no allocation.
 _READ_SIZE = 64 * 1024
 _read_buffer = memoryview(bytearray(_READ_SIZE))
+_WRITE_HIGH_WATER = 32 * 1024
 
 
 class Receiver(Protocol):
@@ -56,6 +57,22 @@ NO_BODY = 0  # HEAD, 204, 304
 LENGTH = 1  # Content-Length
 CHUNKED = 2  # Transfer-Encoding ending in chunked
 STREAM = 3  # until the upstream closes
+
+
+_OTHER = 0
+_CONTENT_LENGTH = 1
+_TRANSFER_ENCODING = 2
+_FRAMING_FIELDS = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING}
+_field_kinds: dict[bytes, int] = {}  # header spelling -> which framing field it is, if any
+
+
+def _framing_field(name: bytes) -> int:
+    kind = _field_kinds.get(name)
+    if kind is None:
+        kind = _FRAMING_FIELDS.get(name.lower(), _OTHER)
+        if len(_field_kinds) < 4096:
+            _field_kinds[name] = kind
+    return kind
 
 
 class UpstreamError(Exception):
@@ -260,8 +277,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
         self.transport = transport  # type: ignore[assignment]
+        # An upload pauses the client once this much waits for the upstream to read it.
+        transport.set_write_buffer_limits(_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
         if self.receiver is not None:
@@ -372,10 +390,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             # coding of the last Transfer-Encoding field; any other coding ends at EOF.
             framing = STREAM
             for name, value in self._headers:
-                lower = name.lower()
-                if lower == b"content-length":
+                field = _framing_field(name)
+                if field == _CONTENT_LENGTH:
                     framing = LENGTH  # llhttp refuses it beside Transfer-Encoding
-                elif lower == b"transfer-encoding":
+                elif field == _TRANSFER_ENCODING:
                     last = value.rpartition(b",")[2].strip().lower()
                     framing = CHUNKED if last == b"chunked" else STREAM
         self._eof_delimited = framing == STREAM

@@ -4,6 +4,8 @@ Connection tokens, reason phrases, status lines and the listener's closing JSON 
 from __future__ import annotations
 
 import json
+import time
+from email.utils import parsedate_to_datetime
 
 import pytest
 from httptools import HttpResponseParser
@@ -15,6 +17,7 @@ from gateway.http import (
     IDEMPOTENT,
     closing_answer,
     connection_tokens,
+    date_line,
     error_body,
     fold,
     status_line,
@@ -183,7 +186,9 @@ def test_closing_answer_is_one_whole_json_response_that_closes(
     assert parsed.complete  # Content-Length matches the body: nothing left over, nothing owed
     assert parser.get_status_code() == status
     assert not parser.should_keep_alive()
-    assert dict(parsed.headers) == {
+    headers = dict(parsed.headers)
+    assert headers.pop(b"Date") == date_line()[len(b"Date: ") : -2]
+    assert headers == {
         b"Content-Type": b"application/json",
         b"Content-Length": str(len(parsed.body)).encode(),
         b"Cache-Control": b"no-store",
@@ -191,3 +196,11 @@ def test_closing_answer_is_one_whole_json_response_that_closes(
     }
     assert json.loads(parsed.body) == {"error": error, "error_description": description}
     assert answer.endswith(b"\r\n\r\n" + error_body(error, description))
+
+
+def test_date_line_is_an_imf_fixdate_of_now() -> None:
+    line = date_line()
+    assert line.startswith(b"Date: ") and line.endswith(b" GMT\r\n")
+    when = parsedate_to_datetime(line[6:-2].decode())
+    assert abs(when.timestamp() - time.time()) < 2
+    assert date_line() is line or date_line()[6:-2] != line[6:-2]  # formatted once a second
