@@ -27,6 +27,12 @@ HOP_BY_HOP = frozenset(
 )
 HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 
+# Both sides read into this one buffer, at most 64 KiB at a time (asyncio.BufferedProtocol):
+# it is filled and parsed within one callback and llhttp hands out copies, so one buffer
+# serves every connection; what a connection holds in flight stays small whatever the kernel
+# has ready, and no read allocates.
+READ_BUFFER = memoryview(bytearray(64 * 1024))
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # A reason phrase: HTAB, SP, VCHAR and obs-text, nothing else (RFC 9112 section 4).

@@ -21,7 +21,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.config import LimitsConfig
 from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, Denial
-from gateway.http import IDEMPOTENT, closing_answer, date_line, status_line
+from gateway.http import IDEMPOTENT, READ_BUFFER, closing_answer, date_line, status_line
 from gateway.introspection import IntrospectionError
 from gateway.logs import AccessLog, RequestIds
 from gateway.metrics import NO_ROUTE, Metrics
@@ -61,11 +61,6 @@ _PAUSE_UPLOAD = 2  # the upstream connection's write buffer is full
 _PAUSE_BUFFER = 4  # body buffered while the verdict or the upstream connection is pending
 _PAUSE_DONE = 8  # nothing more will be read on this connection
 _BUFFER_LIMIT = 256 * 1024
-# Reads of at most 64 KiB, into one buffer shared by every connection (filled and parsed in
-# the same callback; llhttp hands out copies): what a connection holds in flight stays small
-# whatever the kernel has ready, and no read allocates.
-_READ_SIZE = 64 * 1024
-_read_buffer = memoryview(bytearray(_READ_SIZE))
 # A local answer (401, 404, ...) to a request whose body is still coming: a small rest is
 # read and dropped so the connection stays usable; anything more closes it.
 _DISCARD_LIMIT = 64 * 1024
@@ -252,10 +247,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._expect(_HEAD, listener.limits.header_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer
+        return READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_read_buffer[:nbytes])
+        self.data_received(READ_BUFFER[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.paused & _PAUSE_DONE:

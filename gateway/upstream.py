@@ -17,7 +17,7 @@ from typing import Protocol
 from httptools import HttpParserError, HttpResponseParser
 
 from gateway.config import Upstream
-from gateway.http import valid_reason
+from gateway.http import READ_BUFFER, valid_reason
 
 log = logging.getLogger("gateway.upstream")
 
@@ -29,10 +29,6 @@ MAX_IDLE_SECONDS = 1.5
 MAX_IDLE_CONNECTIONS = 1024  # per origin; more than this are closed when released
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 MAX_RESPONSE_HEADERS = 256
-# Reads of at most 64 KiB into one buffer shared by every upstream connection (filled and
-# parsed in one callback; llhttp hands out copies): bounded memory in flight, no allocation.
-_READ_SIZE = 64 * 1024
-_read_buffer = memoryview(bytearray(_READ_SIZE))
 _WRITE_HIGH_WATER = 32 * 1024
 
 
@@ -291,10 +287,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.receiver.resume_upload()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer
+        return READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_read_buffer[:nbytes])
+        self.data_received(READ_BUFFER[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         receiver = self.receiver
