@@ -261,9 +261,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.parser.feed_data(data)
         except HttpParserUpgrade:
             self.pause(_PAUSE_DONE)  # Upgrade or CONNECT: answered as a plain request, then closed
-        except _Refused:
-            pass
-        except HttpParserError as exc:
+        except HttpParserError as exc:  # httptools wraps what a callback raised (_Refused)
             if not isinstance(exc.__context__, _Refused):
                 self._parse_failed(_MALFORMED, type(exc).__name__)
         if self.in_head and self.head_bytes > self.listener.max_head_bytes:
@@ -680,10 +678,11 @@ class Exchange:
         route = self.route = routed.route
         self.path = routed.path
         self.target = routed.target
-        limit = route.max_body_bytes
-        if limit and inbound.content_length is not None and int(inbound.content_length) > limit:
-            self.refuse(TOO_LARGE)
-            return
+        if route.max_body_bytes and inbound.content_length is not None:
+            refused = check_framing(inbound, self.http11, route.max_body_bytes)
+            if refused is not None:
+                self.refuse(refused)
+                return
         if not route.auth_required:
             self.forward(routed, None)
             return

@@ -71,14 +71,6 @@ def _framing_field(name: bytes) -> int:
     return kind
 
 
-class UpstreamError(Exception):
-    """`kind` is one of refused, reset, timeout, protocol; a bounded metric label."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
 class _SkipBody(Exception):
     """Raised from on_headers_complete to end a HEAD answer at its head: llhttp cannot know
     that the request was HEAD, and would wait for the body its Content-Length announces."""
