@@ -84,6 +84,8 @@ class Route:
     scopes: tuple[str, ...]
     timeout: float
     max_body_bytes: int = 0  # 0 = no limit
+    request_buffering: bool = True  # read the whole body before opening the upstream request
+    forward_authorization: bool = True  # pass the client's Authorization header upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class RateLimitConfig:
     rate: float = 100.0
     burst: int = 200
     max_wait: float = 1.0
+    per_client: float = 0.0  # misses per second one client may spend; 0 = no quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,7 @@ class AuthleteConfig:
     deadline: float = 5.0
     allow_insecure_http: bool = False
     ca_file: str | None = None
+    token_pattern: re.Pattern[str] | None = None  # tokens not matching it are never sent
 
     @property
     def introspection_url(self) -> str:
@@ -124,6 +128,7 @@ class CacheConfig:
     max_entries: int = 100_000
     negative_max_entries: int = 10_000
     stale_if_error: float = 0.0
+    refresh_ahead: float = 0.1  # last fraction of an entry's life in which a use re-checks it
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,10 @@ class HeadersConfig:
     subject: str = "X-Auth-Subject"
     scopes: str = "X-Auth-Scopes"
     client_id: str = "X-Auth-Client-Id"
+    # Folded names (lower case, `_` read as `-`): dropped from untrusted peers besides the
+    # built-in list, and let through from them although the built-in list names them.
+    drop_from_untrusted: frozenset[str] = frozenset()
+    allow_from_untrusted: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +150,15 @@ class LimitsConfig:
     idle_timeout: float = 60.0
     max_connections: int = 10_000
     max_body_bytes: int = 0
+    max_head_bytes: int = 65536
+    # Unfinished heads and buffered bodies of all connections together. Sized for the Helm
+    # chart's 256 MiB memory limit: see the README ("Memory under attack").
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    max_connections_per_client: int = 0  # 0 = no cap
+    min_body_rate: int = 512  # bytes/s over each min_body_rate_window; 0 = no minimum
+    min_body_rate_window: float = 10.0
+    request_buffering: bool = True  # default of routes[].request_buffering
+    request_buffer_memory_bytes: int = 65536  # a buffered body beyond this spills to a file
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,9 +420,7 @@ class _Validator:
         limits = g(lambda: self.limits(top.get("limits")), None)
         routes = g(
             lambda: self.routes(
-                top.get("routes"),
-                upstream_timeout or 30.0,
-                limits.max_body_bytes if limits is not None else 0,
+                top.get("routes"), upstream_timeout or 30.0, limits or LimitsConfig()
             ),
             None,
         )
@@ -458,6 +474,13 @@ class _Validator:
                 "idle_timeout",
                 "max_connections",
                 "max_body_bytes",
+                "max_head_bytes",
+                "max_buffered_bytes",
+                "max_connections_per_client",
+                "min_body_rate",
+                "min_body_rate_window",
+                "request_buffering",
+                "request_buffer_memory_bytes",
             },
         )
         d = LimitsConfig()
@@ -477,9 +500,29 @@ class _Validator:
             "idle_timeout": seconds("idle_timeout"),
             "max_connections": integer("max_connections", 1),
             "max_body_bytes": integer("max_body_bytes", 0),
+            "max_head_bytes": integer("max_head_bytes", 1024),
+            "max_buffered_bytes": integer("max_buffered_bytes", 65536),
+            "max_connections_per_client": integer("max_connections_per_client", 0),
+            "min_body_rate": integer("min_body_rate", 0),
+            "min_body_rate_window": seconds("min_body_rate_window"),
+            "request_buffering": g(
+                lambda: self.boolean(
+                    f"{p}.request_buffering", m.get("request_buffering", d.request_buffering)
+                ),
+                None,
+            ),
+            "request_buffer_memory_bytes": integer("request_buffer_memory_bytes", 0),
         }
         if None in values.values():
             raise _Invalid()
+        if values["max_head_bytes"] < values["max_header_bytes"]:
+            raise self.fail(
+                f"{p}.max_head_bytes", "must be at least limits.max_header_bytes (one header line)"
+            )
+        if values["max_buffered_bytes"] < values["max_head_bytes"]:
+            raise self.fail(
+                f"{p}.max_buffered_bytes", "must be at least limits.max_head_bytes (one head)"
+            )
         return LimitsConfig(**values)
 
     def networks(self, path: str, value: Any) -> tuple[IPNetwork, ...]:
@@ -595,6 +638,7 @@ class _Validator:
                 "deadline",
                 "allow_insecure_http",
                 "ca_file",
+                "token_pattern",
             },
         )
         for key in ("base_url", "service_id", "access_token"):
@@ -643,9 +687,14 @@ class _Validator:
         ca: Any = None
         if m.get("ca_file") is not None:
             ca = self.guard(lambda: self.readable_file("authlete.ca_file", m["ca_file"]), False)
+        pattern: Any = None
+        if m.get("token_pattern") is not None:
+            pattern = self.guard(
+                lambda: self.regex("authlete.token_pattern", m["token_pattern"]), False
+            )
         if None in (base_url, service_id, token, timeout, limits, retries, breaker, deadline):
             raise _Invalid()
-        if ca is False:
+        if ca is False or pattern is False:
             raise _Invalid()
         return AuthleteConfig(
             base_url=base_url,
@@ -658,20 +707,31 @@ class _Validator:
             deadline=deadline,
             allow_insecure_http=bool(insecure),
             ca_file=ca,
+            token_pattern=pattern,
         )
+
+    def regex(self, path: str, value: Any) -> re.Pattern[str]:
+        text = self.string(path, value)
+        try:
+            return re.compile(text)
+        except re.error as exc:
+            raise self.fail(path, f"not a regular expression: {exc}") from None
 
     def rate_limit(self, raw: Any) -> RateLimitConfig:
         p = "authlete.rate_limit"
-        m = self.mapping(p, raw, {"rate", "burst", "max_wait"})
+        m = self.mapping(p, raw, {"rate", "burst", "max_wait", "per_client"})
         g = self.guard
         rate = g(lambda: self.number(f"{p}.rate", m.get("rate", 100)), None)
         burst = g(lambda: self.integer(f"{p}.burst", m.get("burst", 200), minimum=1), None)
         wait = g(
             lambda: self.number(f"{p}.max_wait", m.get("max_wait", 1.0), exclusive=False), None
         )
-        if rate is None or burst is None or wait is None:
+        per_client = g(
+            lambda: self.number(f"{p}.per_client", m.get("per_client", 0), exclusive=False), None
+        )
+        if rate is None or burst is None or wait is None or per_client is None:
             raise _Invalid()
-        return RateLimitConfig(rate=rate, burst=burst, max_wait=wait)
+        return RateLimitConfig(rate=rate, burst=burst, max_wait=wait, per_client=per_client)
 
     def breaker(self, raw: Any) -> BreakerConfig:
         p = "authlete.circuit_breaker"
@@ -703,7 +763,14 @@ class _Validator:
         m = self.mapping(
             "cache",
             raw,
-            {"ttl", "negative_ttl", "max_entries", "negative_max_entries", "stale_if_error"},
+            {
+                "ttl",
+                "negative_ttl",
+                "max_entries",
+                "negative_max_entries",
+                "stale_if_error",
+                "refresh_ahead",
+            },
         )
         g = self.guard
         ttl = g(lambda: self.number("cache.ttl", m.get("ttl", 60), exclusive=False), None)
@@ -729,7 +796,16 @@ class _Validator:
             ),
             None,
         )
-        if None in (ttl, neg, size, neg_size, stale):
+        ahead = g(
+            lambda: self.number(
+                "cache.refresh_ahead", m.get("refresh_ahead", 0.1), exclusive=False
+            ),
+            None,
+        )
+        if ahead is not None and ahead >= 1:
+            self.problems.append("cache.refresh_ahead: must be a fraction below 1 (0 turns it off)")
+            ahead = None
+        if None in (ttl, neg, size, neg_size, stale, ahead):
             raise _Invalid()
         return CacheConfig(
             ttl=ttl,
@@ -737,10 +813,15 @@ class _Validator:
             max_entries=size,
             negative_max_entries=neg_size,
             stale_if_error=stale,
+            refresh_ahead=ahead,
         )
 
     def headers(self, raw: Any) -> HeadersConfig:
-        m = self.mapping("headers", raw, {"subject", "scopes", "client_id"})
+        m = self.mapping(
+            "headers",
+            raw,
+            {"subject", "scopes", "client_id", "drop_from_untrusted", "allow_from_untrusted"},
+        )
         defaults = HeadersConfig()
         names: dict[str, str] = {}
         for key in ("subject", "scopes", "client_id"):
@@ -760,11 +841,40 @@ class _Validator:
                 self.problems.append(f"{path}: duplicates another identity header")
                 continue
             names[key] = name
-        if len(names) != 3:
+        drop = self.guard(
+            lambda: self.header_names("headers.drop_from_untrusted", m.get("drop_from_untrusted")),
+            None,
+        )
+        allow = self.guard(
+            lambda: self.header_names(
+                "headers.allow_from_untrusted", m.get("allow_from_untrusted")
+            ),
+            None,
+        )
+        if len(names) != 3 or drop is None or allow is None:
             raise _Invalid()
-        return HeadersConfig(**names)
+        return HeadersConfig(
+            subject=names["subject"],
+            scopes=names["scopes"],
+            client_id=names["client_id"],
+            drop_from_untrusted=drop,
+            allow_from_untrusted=allow,
+        )
 
-    def routes(self, raw: Any, default_timeout: float, max_body: int) -> tuple[Route, ...]:
+    def header_names(self, path: str, value: Any) -> frozenset[str]:
+        if value is None:
+            return frozenset()
+        if not isinstance(value, list):
+            raise self.fail(path, "must be a list of header names")
+        out = set()
+        for i, item in enumerate(value):
+            name = self.string(f"{path}[{i}]", item)
+            if not _TCHAR.match(name):
+                raise self.fail(f"{path}[{i}]", "not a valid header name")
+            out.add(name.lower().replace("_", "-"))
+        return frozenset(out)
+
+    def routes(self, raw: Any, default_timeout: float, limits: LimitsConfig) -> tuple[Route, ...]:
         if raw is None:
             raise self.fail("routes", "at least one route is required")
         if not isinstance(raw, list):
@@ -774,7 +884,7 @@ class _Validator:
         routes: list[Route | None] = []
         for i, item in enumerate(raw):
             try:
-                routes.append(self.route(i, item, default_timeout, max_body))
+                routes.append(self.route(i, item, default_timeout, limits))
             except _Invalid:
                 routes.append(None)
         names: set[str] = set()
@@ -788,7 +898,7 @@ class _Validator:
             raise _Invalid()
         return tuple(r for r in routes if r is not None)
 
-    def route(self, index: int, raw: Any, default_timeout: float, max_body: int) -> Route:
+    def route(self, index: int, raw: Any, default_timeout: float, limits: LimitsConfig) -> Route:
         p = f"routes[{index}]"
         m = self.mapping(
             p,
@@ -802,6 +912,8 @@ class _Validator:
                 "scopes",
                 "timeout",
                 "max_body_bytes",
+                "request_buffering",
+                "forward_authorization",
             },
         )
         if not m and raw is None:
@@ -833,7 +945,19 @@ class _Validator:
         timeout = g(lambda: self.number(f"{p}.timeout", m.get("timeout", default_timeout)), None)
         body = g(
             lambda: self.integer(
-                f"{p}.max_body_bytes", m.get("max_body_bytes", max_body), minimum=0
+                f"{p}.max_body_bytes", m.get("max_body_bytes", limits.max_body_bytes), minimum=0
+            ),
+            None,
+        )
+        buffering = g(
+            lambda: self.boolean(
+                f"{p}.request_buffering", m.get("request_buffering", limits.request_buffering)
+            ),
+            None,
+        )
+        forward_auth = g(
+            lambda: self.boolean(
+                f"{p}.forward_authorization", m.get("forward_authorization", True)
             ),
             None,
         )
@@ -841,7 +965,10 @@ class _Validator:
         if name is not None and not re.match(r"^[A-Za-z0-9._/:~-]+$", name):
             self.problems.append(f"{p}.name: use letters, digits and ._/:~-")
             name = None
-        if None in (prefix, upstream, auth, scopes, timeout, body, name) or methods is False:
+        if (
+            None in (prefix, upstream, auth, scopes, timeout, body, name, buffering, forward_auth)
+            or methods is False
+        ):
             raise _Invalid()
         return Route(
             name=name,
@@ -852,6 +979,8 @@ class _Validator:
             scopes=scopes,
             timeout=timeout,
             max_body_bytes=body,
+            request_buffering=buffering,
+            forward_authorization=forward_auth,
         )
 
     def path_prefix(self, path: str, value: Any) -> str:

@@ -132,6 +132,19 @@ class HeaderPolicy:
             return False
         return any(address in net for net in self._trusted_networks)
 
+    def client_of(self, inbound: Inbound, peer: str, trusted: bool) -> str:
+        """Who a request comes from, for per-client limits: the peer itself, or, when the peer
+        is a trusted proxy, the nearest X-Forwarded-For hop that is not a trusted proxy (each
+        trusted proxy appended the address it saw, so that hop is a fact, not a claim)."""
+        if not trusted or not inbound.x_forwarded_for:
+            return peer
+        hops = [h.strip() for v in inbound.x_forwarded_for for h in v.split(b",")]
+        for hop in reversed(hops):
+            text = hop.decode("latin-1")[:64]
+            if text and not self.trusts(text):
+                return text
+        return peer
+
     def _kind(self, name: bytes, trusted: bool) -> int:
         lower = name.decode("latin-1").lower()
         kind = _SPECIAL.get(lower)

@@ -700,8 +700,13 @@ class Exchange:
 
     async def _await_verdict(self, routed: Routed, miss: Miss) -> None:
         conn = self.conn
+        client = (
+            self.plan.header_policy.client_of(self.inbound, conn.peer, True)
+            if conn.trusted
+            else conn.peer
+        )
         try:
-            verdict, self.cache = await conn.listener.verdicts.fetch(miss.token, miss.key)
+            verdict, self.cache = await conn.listener.verdicts.fetch(miss.token, miss.key, client)
         except IntrospectionError as exc:
             log.warning("no verdict for route %s: %s", routed.route.name, exc.detail)
             if not self.gone:

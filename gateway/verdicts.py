@@ -71,8 +71,9 @@ class Verdicts:
             return found
         return await self.fetch(token, key)
 
-    async def fetch(self, token: str, key: bytes) -> tuple[Verdict, str]:
-        """A miss: one introspection call shared by every request for the token."""
+    async def fetch(self, token: str, key: bytes, client: str = "") -> tuple[Verdict, str]:
+        """A miss: one introspection call shared by every request for the token. `client`
+        names who asks (see HeaderPolicy.client_of), for the per-client miss quota."""
         self._miss.inc()
         flight = self._inflight.get(key)
         if flight is None:

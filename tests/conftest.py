@@ -4,11 +4,20 @@ loopback sockets. Nothing of our own HTTP path is mocked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
 import resource
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -182,6 +191,82 @@ async def start_app(app: web.Application) -> tuple[web.AppRunner, str, int]:
     await site.start()
     port = int(runner.addresses[0][1])
     return runner, f"http://127.0.0.1:{port}", port
+
+
+# --------------------------------------------------------------------------- real frameworks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"upstream exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
+def need_tool(name: str) -> str:
+    """The tool's path; a missing tool fails under CI (which installs it) and skips elsewhere."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required under CI")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@contextlib.contextmanager
+def serve(argv: list[str], port: int, cwd: Path = ROOT) -> Iterator[str]:
+    """Run a real server process until the block ends; stopped by its PID."""
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            try:
+                wait_for_port(port, proc)
+            except RuntimeError as exc:
+                errors.seek(0)
+                raise RuntimeError(f"{exc}: {errors.read()[-2000:]!r}") from None
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def flask_upstream() -> Iterator[str]:
+    """gunicorn (2 sync workers) serving tests/apps/flask_app.py."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
+    with serve([*argv, "tests.apps.flask_app:app"], port) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def starlette_upstream() -> Iterator[str]:
+    """uvicorn serving tests/apps/starlette_app.py (its default: trusts X-Forwarded-* from
+    127.0.0.1, as it would the gateway in a pod)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--port", str(port), "--no-access-log"]
+    with serve([*argv, "--log-level", "warning", "tests.apps.starlette_app:app"], port) as url:
+        yield url
 
 
 # --------------------------------------------------------------------------- memory
