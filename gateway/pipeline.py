@@ -35,6 +35,7 @@ class CompiledRoute:
     __slots__ = (
         "auth_required",
         "duration",
+        "forward_authorization",
         "max_body_bytes",
         "name",
         "overhead",
@@ -52,6 +53,7 @@ class CompiledRoute:
         self.pool = pool
         self.timeout = route.timeout
         self.max_body_bytes = route.max_body_bytes
+        self.forward_authorization = route.forward_authorization
         self.auth_required = route.auth_required
         self.scopes = route.scopes
         self.duration: _HistogramChild = metrics.request_duration.labels(route.name)

@@ -224,7 +224,11 @@ class HeaderPolicy:
         identity: Active | None,
         request_id: bytes,
         chunked: bool,
+        forward_authorization: bool = True,
+        length: int | None = None,
     ) -> bytes:
+        """The upstream request head. `length`, when given, is the size of a body the gateway
+        has read whole: it is sent with that Content-Length, whatever the client's framing."""
         parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", upstream_host, _CRLF]
         parts += inbound.kept
         # X-Forwarded-For: the chain as received plus the peer we saw, so its last entry
@@ -248,7 +252,9 @@ class HeaderPolicy:
             if block is None:
                 block = self._identity_block(identity)
             parts.append(block)
-        if chunked:
+        if length is not None:
+            parts += (b"Content-Length: %d\r\n\r\n" % length,)
+        elif chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif inbound.content_length is not None:
             parts += (b"Content-Length: ", inbound.content_length, b"\r\n\r\n")

@@ -822,6 +822,7 @@ class Exchange:
             identity,
             self.request_id.encode(),
             self.chunked,
+            route.forward_authorization,
         )
         if self.has_body and self.http11 and self._expects_continue():
             # The token is good: let the client send its body now instead of after its own
