@@ -33,7 +33,8 @@ from gateway.app import Gateway
 from gateway.cache import VerdictCache
 from gateway.config import load_config
 from gateway.introspection import parse_answer
-from gateway.runner import tune_gc, tune_malloc
+from gateway.memory import tune_malloc
+from gateway.runner import tune_gc
 from gateway.verdict import Active
 
 # A few scope sets shared by many tokens, as a real deployment has.

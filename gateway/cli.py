@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import ipaddress
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("--rate", type=float, help="rate limit, calls per second (off by default)")
     emu.add_argument("--burst", type=int, default=200, help="rate-limit burst (default 200)")
     emu.add_argument("--reset-form", choices=("delta", "epoch"), default="delta")
+    emu.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --listen address other than loopback (the control API has no authentication)",
+    )
     _loop_option(emu)
     emu.set_defaults(handler=_cmd_emulator)
     return parser
@@ -124,9 +129,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
+    from gateway.lint import warnings
+
     print(f"{args.config}: OK")
     for line in summary(cfg):
         print(line)
+    for line in warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
@@ -170,11 +179,25 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         print("--listen: must be host:port", file=sys.stderr)
         return EXIT_CONFIG
+    host = host.strip("[]")
+    if not _loopback(host):
+        if not args.allow_remote:
+            print(
+                f"--listen: {host} is not a loopback address; the emulator's control API "
+                "(/_emulator/) has no authentication (pass --allow-remote to bind it anyway)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        print(
+            f"warning: listening on {host}: anyone who can reach port {port} can add and "
+            "revoke tokens through the control API (/_emulator/), which has no authentication",
+            file=sys.stderr,
+        )
     rate = (args.rate, args.burst) if args.rate else None
     _setup_logging()
     return run_loop(
         run_emulator(
-            host.strip("[]"),
+            host,
             int(port),
             service_id=args.service_id,
             access_token=args.access_token,
@@ -212,9 +235,20 @@ def run_loop(main: Coroutine[Any, Any, int | None], loop: str) -> int:
     return result or 0
 
 
+def _loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also IPv4-mapped) or the name localhost; no name is resolved."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def _setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from gateway.logs import setup_logging
+
+    setup_logging(level)

@@ -42,6 +42,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # are replaced by what the gateway itself saw.
 DEFAULT_TRUSTED_PROXIES: tuple[str, ...] = ()
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_BUFFERING = {"on": "on", "true": "on", "off": "off", "false": "off", "auto": "auto"}
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -84,7 +85,10 @@ class Route:
     scopes: tuple[str, ...]
     timeout: float
     max_body_bytes: int = 0  # 0 = no limit
-    request_buffering: bool = True  # read the whole body before opening the upstream request
+    # "on": the whole body is read before the upstream request opens (spilling to a file);
+    # "auto": so is a body that fits in request_buffer_memory_bytes, a larger one streams;
+    # "off": the body streams as it arrives.
+    request_buffering: str = "auto"
     forward_authorization: bool = True  # pass the client's Authorization header upstream
 
 
@@ -157,7 +161,7 @@ class LimitsConfig:
     max_connections_per_client: int = 0  # 0 = no cap
     min_body_rate: int = 512  # bytes/s over each min_body_rate_window; 0 = no minimum
     min_body_rate_window: float = 10.0
-    request_buffering: bool = True  # default of routes[].request_buffering
+    request_buffering: str = "auto"  # default of routes[].request_buffering
     request_buffer_memory_bytes: int = 65536  # a buffered body beyond this spills to a file
 
 
@@ -506,7 +510,7 @@ class _Validator:
             "min_body_rate": integer("min_body_rate", 0),
             "min_body_rate_window": seconds("min_body_rate_window"),
             "request_buffering": g(
-                lambda: self.boolean(
+                lambda: self.buffering(
                     f"{p}.request_buffering", m.get("request_buffering", d.request_buffering)
                 ),
                 None,
@@ -595,6 +599,14 @@ class _Validator:
         if ca is False or skip is None:
             raise _Invalid()
         return UpstreamTLSConfig(ca_file=ca, insecure_skip_verify=skip)
+
+    def buffering(self, path: str, value: Any) -> str:
+        value = self.subst(path, value)
+        if value is True or value is False:  # YAML reads a bare on/off as a boolean
+            return "on" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in _BUFFERING:
+            return _BUFFERING[value.strip().lower()]
+        raise self.fail(path, 'must be "on", "off" or "auto"')
 
     def boolean(self, path: str, value: Any) -> bool:
         value = self.subst(path, value)
@@ -950,7 +962,7 @@ class _Validator:
             None,
         )
         buffering = g(
-            lambda: self.boolean(
+            lambda: self.buffering(
                 f"{p}.request_buffering", m.get("request_buffering", limits.request_buffering)
             ),
             None,

@@ -66,6 +66,14 @@ class Decider:
         self.too_long = denial(
             400, "invalid_request", "The access token is too long.", challenge=malformed
         )
+        # A token that authlete.token_pattern says Authlete never issued: answered as Authlete's
+        # own answer to a token it does not know would be, without asking it.
+        self.not_issued = denial(
+            401,
+            "invalid_token",
+            _ACTION_STATUS["UNAUTHORIZED"][2],
+            challenge='Bearer error="invalid_token"',
+        )
         self._scope_denials: dict[tuple[str, ...], Denial] = {}
 
     def no_token(self, why: NoToken) -> Denial:

@@ -1,15 +1,23 @@
-"""Access log: one JSON line per request on stdout, and request ids.
+"""Access log: one JSON line per request on stdout, and request ids. The gateway's own
+messages on stderr, with repeated lines of one kind collapsed.
 
-Lines are buffered and written at most every 100 ms (or when 64 KiB are waiting), so the
-hot path pays for a json.dumps and a list append, not for a system call per request.
+Access lines are buffered and written at most every 100 ms (or when 64 KiB are waiting), so
+the hot path pays for a json.dumps and a list append, not for a system call per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
+import logging
 import os
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TextIO
 
 _FLUSH_INTERVAL = 0.1
@@ -91,3 +99,150 @@ class AccessLog:
             _write_all(self._fd, b"".join(chunk))
         except (OSError, ValueError):
             pass  # stdout gone (closed pipe): losing access lines must not stop the proxy
+
+
+# --------------------------------------------------------------------------- the gateway's own log
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+COLLAPSE_INTERVAL = 10.0  # seconds a kind of message is logged once, then counted
+COLLAPSE_MAX_KINDS = 256  # kinds tracked at once; the oldest is closed (and summed up) first
+
+
+@dataclass(slots=True)
+class _Kind:
+    end: float  # the clock reading when this kind's interval ends
+    suppressed: int
+    # What the summary line repeats: the first record's place and rendered message.
+    name: str
+    level: int
+    pathname: str
+    lineno: int
+    func: str | None
+    message: str
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first record of a kind through, then counts the kind's records for
+    `interval` seconds instead of passing them on; a kind is (logger name, level, message
+    template), so "no verdict for route %s: %s" is one kind whatever the route and reason.
+
+    When a kind's interval has ended and records were held back, one summary line goes out
+    with the first line's message and the count: `... (and 1234 more like this within 10 s)`.
+    Intervals are checked when the next record of any kind arrives (no timer, no thread),
+    and `flush()` sums up every open kind (at exit). Records below `min_level` (DEBUG by
+    default) always pass: whoever turns debug on wants every line.
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[logging.LogRecord], object],
+        *,
+        interval: float = COLLAPSE_INTERVAL,
+        max_kinds: int = COLLAPSE_MAX_KINDS,
+        min_level: int = logging.INFO,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._emit = emit
+        self._interval = interval
+        self._max_kinds = max(1, max_kinds)
+        self._min_level = min_level
+        self._clock = clock
+        # Insertion order is the order of interval ends: every interval is equally long.
+        self._kinds: OrderedDict[tuple[str, int, str], _Kind] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "collapsed_summary", False):
+            return True  # our own summary, on its way through the same handler
+        summaries: list[logging.LogRecord] = []
+        with self._lock:
+            now = self._clock()
+            self._expire(now, summaries)
+            passed = record.levelno < self._min_level or self._admit(record, now, summaries)
+        for summary in summaries:
+            self._emit(summary)
+        return passed
+
+    def flush(self) -> None:
+        """Sum up every kind that has records held back (the process is ending)."""
+        summaries: list[logging.LogRecord] = []
+        with self._lock:
+            while self._kinds:
+                self._close(summaries)
+        for summary in summaries:
+            self._emit(summary)
+
+    def _admit(self, record: logging.LogRecord, now: float, out: list[logging.LogRecord]) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else str(record.msg)
+        key = (record.name, record.levelno, msg)
+        kind = self._kinds.get(key)
+        if kind is not None:
+            kind.suppressed += 1
+            return False
+        while len(self._kinds) >= self._max_kinds:
+            self._close(out)
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: the handler reports it; keep the template
+            message = msg
+        self._kinds[key] = _Kind(
+            now + self._interval,
+            0,
+            record.name,
+            record.levelno,
+            record.pathname,
+            record.lineno,
+            record.funcName,
+            message,
+        )
+        return True
+
+    def _expire(self, now: float, out: list[logging.LogRecord]) -> None:
+        while self._kinds and next(iter(self._kinds.values())).end <= now:
+            self._close(out)
+
+    def _close(self, out: list[logging.LogRecord]) -> None:
+        """End the oldest kind's interval; a summary if anything was held back."""
+        _, kind = self._kinds.popitem(last=False)
+        if kind.suppressed:
+            summary = logging.LogRecord(
+                kind.name,
+                kind.level,
+                kind.pathname,
+                kind.lineno,
+                f"{kind.message} (and {kind.suppressed} more like this "
+                f"within {self._interval:g} s)",
+                None,
+                None,
+                kind.func,
+            )
+            summary.collapsed_summary = True
+            out.append(summary)
+
+
+def collapse_repeats(
+    handler: logging.Handler,
+    *,
+    interval: float = COLLAPSE_INTERVAL,
+    max_kinds: int = COLLAPSE_MAX_KINDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> RepeatFilter:
+    """Install a RepeatFilter on `handler` (summaries go out through the same handler)."""
+    repeats = RepeatFilter(handler.handle, interval=interval, max_kinds=max_kinds, clock=clock)
+    handler.addFilter(repeats)
+    return repeats
+
+
+def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """The gateway's own messages on stderr, repeated ones collapsed (see RepeatFilter).
+    Like logging.basicConfig: does nothing when the root logger already has a handler."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    repeats = collapse_repeats(handler)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    atexit.register(repeats.flush)  # runs before logging's own shutdown (atexit is LIFO)

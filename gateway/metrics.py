@@ -207,8 +207,16 @@ class Metrics:
         self.budget_rejected = Counter(
             "gateway_authlete_budget_rejected",
             "Cache misses answered 503 without a call: wait_timeout (no budget within "
-            "max_wait) or breaker_open.",
+            "max_wait), breaker_open, or client_quota (the client's misses were over "
+            "authlete.rate_limit.per_client).",
             ["reason"],
+            registry=r,
+        )
+        self.cache_refreshes = Counter(
+            "gateway_cache_refreshes",
+            "Active verdicts re-checked ahead of expiry (cache.refresh_ahead), by result: "
+            "active (entry renewed), inactive (revoked: dropped at once), failed.",
+            ["result"],
             registry=r,
         )
         self.authlete_throttled = Counter(
@@ -227,6 +235,12 @@ class Metrics:
         self.connections_refused = Counter(
             "gateway_connections_refused",
             "Client connections refused (503) because limits.max_connections were open.",
+            registry=r,
+        )
+        self.connections_shed = Counter(
+            "gateway_connections_shed",
+            "Client connections with an unfinished request head closed (503), oldest first, "
+            "because limits.max_buffered_bytes were held.",
             registry=r,
         )
         self.header_timeouts = Counter(

@@ -27,6 +27,7 @@ BAD_FRAMING = denial(400, "invalid_request", "Only Transfer-Encoding: chunked is
 BAD_HOST = denial(400, "invalid_request", "An HTTP/1.1 request needs exactly one Host header.")
 TOO_LARGE = denial(413, "request_too_large", "The request body exceeds this route's limit.")
 BODY_TIMEOUT = denial(408, "request_timeout", "The request body stopped arriving.")
+BODY_TOO_SLOW = denial(408, "request_timeout", "The request body arrives too slowly.")
 
 
 class CompiledRoute:
@@ -40,6 +41,7 @@ class CompiledRoute:
         "name",
         "overhead",
         "pool",
+        "request_buffering",
         "route",
         "scopes",
         "timeout",
@@ -54,6 +56,7 @@ class CompiledRoute:
         self.timeout = route.timeout
         self.max_body_bytes = route.max_body_bytes
         self.forward_authorization = route.forward_authorization
+        self.request_buffering = route.request_buffering
         self.auth_required = route.auth_required
         self.scopes = route.scopes
         self.duration: _HistogramChild = metrics.request_duration.labels(route.name)
@@ -139,6 +142,9 @@ def token_of(plan: Plan, inbound: Inbound) -> str | Denial:
     token = bearer.extract(inbound.authorization or (), plan.max_token_bytes)
     if isinstance(token, bearer.NoToken):
         return plan.decider.no_token(token)
+    pattern = plan.cfg.authlete.token_pattern
+    if pattern is not None and pattern.fullmatch(token) is None:
+        return plan.decider.not_issued  # not the service's token format: no call for it
     return token
 
 

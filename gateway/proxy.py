@@ -37,21 +37,126 @@ _SPECIAL = {
     "x-forwarded-proto": _X_FORWARDED_PROTO,
     "x-forwarded-host": _X_FORWARDED_HOST,
 }
-# Forwarding claims dropped from untrusted peers (X-Forwarded-For is extended instead).
-_FORWARDING = frozenset(
+# Headers that upstream frameworks, servers and auth proxies read as facts about the client
+# (who it is, where it connects from, scheme, host, path) or as its method. Names are folded
+# (lower case, `_` read as `-`); an entry ending in `*` is a prefix. Documented in the README
+# ("Headers believed only from trusted proxies"); X-Forwarded-For/-Proto/-Host are not here:
+# the gateway extends or replaces them (`_SPECIAL`).
+#
+# From untrusted peers these are dropped; from a proxy in `trusted_proxies` they pass, as that
+# proxy set them (it may have authenticated the user: oauth2-proxy behind nginx, ALB OIDC, IAP).
+DROPPED_FROM_UNTRUSTED = frozenset(
     {
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-forwarded-uri",
-        "x-forwarded-method",
-        "x-original-uri",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-real-ip",
+        # Forwarding claims: every X-Forwarded-* but the three the gateway sets (scheme in
+        # -Proto/-Ssl/-Protocol/-Scheme, -Port, -Prefix, -Path, -Uri, -Server, -Method, -User,
+        # -Email, -Groups, -Preferred-Username, -Access-Token, -Client-Cert, ...).
+        "x-forwarded-*",
         "forwarded",
+        # Client address (Rails, Tornado, request-ip, CDNs, load balancers).
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "x-original-forwarded-for",
+        "cf-connecting-ip",
+        "cf-connecting-ipv6",
+        "fastly-client-ip",
+        "fly-client-ip",
+        "x-appengine-user-ip",
+        "x-azure-clientip",
+        "x-azure-socketip",
+        "x-originating-ip",
+        "x-envoy-external-address",
+        "x-envoy-internal",
+        # Scheme, host and path as a proxy saw them (Tornado, PHP frameworks, IIS, Symfony,
+        # nginx ingress, Cloudflare).
+        "x-scheme",
+        "cf-visitor",
+        "x-url-scheme",
+        "front-end-https",
+        "x-original-host",
+        "x-host",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-envoy-original-path",
+        # Identity set by authenticating proxies (Kubernetes front proxy, Authelia, oauth2-proxy,
+        # Grafana/Gitea auth proxy, Kong, APISIX, mod_auth_openidc, SiteMinder, Authentik,
+        # Pomerium, Vouch, Tailscale, AWS ALB, Google IAP, Azure App Service, Cloudflare Access).
+        "x-remote-*",
+        "remote-user",
+        "remote-groups",
+        "remote-email",
+        "remote-name",
+        "x-auth-request-*",
+        "x-user",
+        "x-user-id",
+        "x-username",
+        "x-email",
+        "x-auth-user",
+        "x-webauth-*",
+        "x-authenticated-*",
+        "x-consumer-*",
+        "x-anonymous-consumer",
+        "x-credential-*",
+        "x-userinfo",
+        "x-id-token",
+        "x-access-token",
+        "oidc-*",
+        "sm-user",
+        "x-authentik-*",
+        "x-pomerium-*",
+        "x-vouch-*",
+        "tailscale-user-*",
+        "x-amzn-oidc-*",
+        "x-goog-authenticated-user-*",
+        "x-goog-iap-jwt-assertion",
+        "x-ms-client-principal*",
+        "x-ms-token-*",
+        "cf-access-authenticated-user-email",
+        "cf-access-jwt-assertion",
+        # Client certificates verified by a TLS-terminating proxy (nginx ingress, HAProxy,
+        # Azure App Service, ALB mTLS).
+        "ssl-client-*",
+        "x-ssl-client-*",
+        "x-client-cert*",
+        "x-arr-clientcert",
+        "x-amzn-mtls-*",
     }
 )
+# A method override is always the client's own wish, which a proxy in front relays unread:
+# dropped from every peer, trusted or not (Express method-override, Rack::MethodOverride,
+# Symfony, ASP.NET/OData, Google APIs; X-Original-Method: what ingress-nginx tells an auth
+# service).
+DROPPED_FROM_EVERY_PEER = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-method",
+    }
+)
+
+
+class _Rules:
+    """Header-name entries, exact or `prefix*`, answering how specifically a name matches."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, entries: frozenset[str]) -> None:
+        folded = {fold(e) for e in entries}
+        self.exact = frozenset(e for e in folded if not e.endswith("*"))
+        self.prefixes = tuple(sorted({e[:-1] for e in folded if e.endswith("*")}))
+
+    def match(self, folded: str) -> int:
+        """-1 for no match; else higher for a more specific entry (an exact name beats any
+        prefix, a longer prefix a shorter one)."""
+        if folded in self.exact:
+            return len(folded) + 1
+        return max((len(p) for p in self.prefixes if folded.startswith(p)), default=-1)
+
+
 # Upstream response headers never relayed: hop-by-hop ones, and the request id the gateway sets.
 _RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP) | {b"x-request-id"}
 _CRLF = b"\r\n"
@@ -65,6 +170,7 @@ class Inbound:
 
     __slots__ = (
         "authorization",
+        "authorization_at",
         "connection",
         "content_length",
         "expect",
@@ -84,6 +190,7 @@ class Inbound:
         self.host_count = 0
         # Lists only for headers that are present (most requests have none of these).
         self.authorization: list[str] | None = None
+        self.authorization_at: list[int] | None = None  # where each one starts in `kept`
         self.content_length: bytes | None = None
         self.transfer_encoding: list[bytes] | None = None
         self.expect: bytes | None = None
@@ -95,14 +202,20 @@ class Inbound:
 
 
 class HeaderPolicy:
-    """What goes upstream: the client's end-to-end headers minus anything that claims identity,
-    and forwarding headers believed only from trusted proxies."""
+    """What goes upstream: the client's end-to-end headers minus the gateway's own identity
+    headers (from everyone), claims about the client and its connection (believed only from
+    trusted proxies: `DROPPED_FROM_UNTRUSTED` and `headers.drop_from_untrusted`, less
+    `headers.allow_from_untrusted`) and method overrides (from no one)."""
 
     def __init__(self, names: HeadersConfig, trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
         self._subject = names.subject.encode() + _SEP
         self._scopes = names.scopes.encode() + _SEP
         self._client_id = names.client_id.encode() + _SEP
         self._identity = frozenset(fold(n) for n in (names.subject, names.scopes, names.client_id))
+        self._untrusted_only = _Rules(DROPPED_FROM_UNTRUSTED)
+        self._every_peer = _Rules(DROPPED_FROM_EVERY_PEER)
+        self._configured_drop = _Rules(names.drop_from_untrusted)
+        self._configured_allow = _Rules(names.allow_from_untrusted)
         # Whether a header passes depends only on its spelling and on trust: decided once
         # per spelling and remembered (a bounded number of spellings per process).
         self._kinds_trusted: dict[bytes, int] = {}
@@ -153,15 +266,20 @@ class HeaderPolicy:
         folded = fold(lower)
         if lower in HOP_BY_HOP or folded in self._identity:
             return _DROP
-        if folded != lower and (
-            folded in _SPECIAL or folded in _FORWARDING or folded in HOP_BY_HOP
-        ):
+        if folded != lower and (folded in _SPECIAL or folded in HOP_BY_HOP):
             # `X_Forwarded_Host`, `Content_Length`: many frameworks read `_` as `-`, so an
             # underscore spelling of a name the gateway decides on or replaces is dropped.
             return _DROP
-        if not trusted and lower in _FORWARDING:
+        allow = self._configured_allow.match(folded)
+        if allow >= 0 and allow > self._configured_drop.match(folded):
+            return _PASS  # let through on purpose; beats the built-in lists
+        if self._every_peer.match(folded) >= 0:
             return _DROP
-        return _PASS
+        if self._untrusted_only.match(folded) < 0 and self._configured_drop.match(folded) < 0:
+            return _PASS
+        # Listed: a trusted proxy sets the dashed spelling itself and relays its client's
+        # `X_Remote_User` unread, which the upstream would read as the same header.
+        return _PASS if trusted and folded == lower else _DROP
 
     def scan(self, headers: list[tuple[bytes, bytes]], trusted: bool) -> Inbound:
         kinds = self._kinds_trusted if trusted else self._kinds_untrusted
@@ -178,9 +296,13 @@ class HeaderPolicy:
             elif kind == _DROP:
                 continue
             elif kind == _AUTHORIZATION:
-                if inbound.authorization is None:
-                    inbound.authorization = []
-                inbound.authorization.append(value.decode("latin-1"))
+                read = inbound.authorization
+                at = inbound.authorization_at
+                if read is None or at is None:
+                    read = inbound.authorization = []
+                    at = inbound.authorization_at = []
+                read.append(value.decode("latin-1"))
+                at.append(len(kept))
                 kept += (name, _SEP, value, _CRLF)
             elif kind == _HOST:
                 if inbound.host is None:
@@ -211,6 +333,10 @@ class HeaderPolicy:
                 inbound.forwarded_host = value
         if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)
+            if inbound.authorization_at is not None:  # the fields moved, or went
+                inbound.authorization_at = [
+                    i for i in range(0, len(kept), 4) if kept[i].lower() == b"authorization"
+                ]
         return inbound
 
     def request_head(
@@ -228,9 +354,19 @@ class HeaderPolicy:
         length: int | None = None,
     ) -> bytes:
         """The upstream request head. `length`, when given, is the size of a body the gateway
-        has read whole: it is sent with that Content-Length, whatever the client's framing."""
+        has read whole: it is sent with that Content-Length, whatever the client's framing.
+        Without `forward_authorization` the client's Authorization fields are left out."""
         parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", upstream_host, _CRLF]
-        parts += inbound.kept
+        at = inbound.authorization_at
+        if forward_authorization or not at:
+            parts += inbound.kept
+        else:  # the route's upstream must not be able to replay the caller's credentials
+            kept = inbound.kept
+            start = 0
+            for i in at:
+                parts += kept[start:i]
+                start = i + 4
+            parts += kept[start:]
         # X-Forwarded-For: the chain as received plus the peer we saw, so its last entry
         # is always a fact; nothing here ever decides anything on the earlier entries.
         prior = inbound.x_forwarded_for

@@ -4,35 +4,16 @@ SIGHUP reloads), the drain delay, and garbage-collector tuning."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 import signal
 
 from gateway.app import Gateway
 from gateway.config import Config
+from gateway.memory import tune_malloc
 from gateway.tls import TLSError
 
 log = logging.getLogger("gateway")
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_malloc() -> None:
-    """Fixed glibc malloc thresholds. With the default dynamic ones, large socket buffers
-    grew the heap and every free trimmed it again (brk, then freshly zeroed pages): 1 MiB
-    downloads cost three times the CPU. Now allocations below 1 MiB come from the heap, and
-    up to 2 MiB of free heap stay mapped for the next ones (more kept the peak of 64
-    concurrent 1 MiB uploads higher for no speed)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return  # not glibc: nothing to tune
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 2 << 20)
 
 
 def tune_gc() -> None:

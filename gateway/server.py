@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from collections import deque
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -24,10 +26,12 @@ from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, Denial
 from gateway.http import IDEMPOTENT, READ_BUFFER, closing_answer, date_line, status_line
 from gateway.introspection import IntrospectionError
 from gateway.logs import AccessLog, RequestIds
+from gateway.memory import release
 from gateway.metrics import NO_ROUTE, Metrics
 from gateway.pipeline import (
     BAD_HOST,
     BODY_TIMEOUT,
+    BODY_TOO_SLOW,
     TOO_LARGE,
     CompiledRoute,
     Miss,
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 _REFUSED = (503, "temporarily_unavailable", "Too many connections; try again.")
+_SHED = (503, "temporarily_unavailable", "The server is short of memory; try again.")
 _HEADER_TIMEOUT = (408, "request_timeout", "The request headers took too long.")
 _MALFORMED = (400, "invalid_request", "The request is not valid HTTP.")
 _TOO_BIG = (431, "invalid_request", "The request headers are too large.")
@@ -61,6 +66,9 @@ _PAUSE_UPLOAD = 2  # the upstream connection's write buffer is full
 _PAUSE_BUFFER = 4  # body buffered while the verdict or the upstream connection is pending
 _PAUSE_DONE = 8  # nothing more will be read on this connection
 _BUFFER_LIMIT = 256 * 1024
+# A buffered body on a route without max_body_bytes: past this much on disk, it is streamed.
+_SPOOL_CAP = 16 * 1024 * 1024
+_PUMP_PIECE = 256 * 1024
 # A local answer (401, 404, ...) to a request whose body is still coming: a small rest is
 # read and dropped so the connection stays usable; anything more closes it.
 _DISCARD_LIMIT = 64 * 1024
@@ -76,6 +84,8 @@ _IDLE = 2  # keep-alive connection with nothing to do: close
 _BODY = 3  # request body stopped arriving: 408 and close
 _LINGER = 4  # closing: close now
 _NEVER = float("inf")
+# Memory is given back once at least this much was held and most of it has gone.
+_RELEASE_AFTER = 8 * 1024 * 1024
 
 
 class _Refused(Exception):
@@ -109,7 +119,13 @@ class Listener:
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self.emptied = asyncio.Event()  # set when closing and the last connection is gone
-        self.max_head_bytes = (limits.max_headers + 2) * (limits.max_header_bytes + 4) + 65536
+        self.max_head_bytes = limits.max_head_bytes
+        # Bytes held by unfinished request heads and by bodies held for an upstream, over
+        # every connection; `heads` holds the connections with an unfinished head, oldest first.
+        self.buffered = 0
+        self.buffered_high = 0  # since memory was last given back
+        self.heads: dict[ClientConnection, None] = {}
+        self.per_client: dict[str, int] = {}  # open connections per untrusted peer address
         self._sweeper: asyncio.TimerHandle | None = None
         self._methods: dict[bytes, str] = {}
 
@@ -139,6 +155,11 @@ class Listener:
                 conn.check(now)
             for pool in self.pools.values():
                 pool.sweep(now)
+            if self.buffered_high >= _RELEASE_AFTER and self.buffered <= self.buffered_high // 8:
+                # What was held has mostly gone (an attack ended, a burst of uploads was
+                # sent): give the memory back instead of keeping the peak for good.
+                self.buffered_high = self.buffered
+                release()
         finally:
             self._sweeper = asyncio.get_running_loop().call_later(self.tick, self.sweep)
 
@@ -146,6 +167,23 @@ class Listener:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+    # ------------------------------------------------------------------ memory
+    def hold(self, nbytes: int) -> None:
+        """More bytes are held for a request; past the bound, the oldest unfinished heads go."""
+        self.buffered += nbytes
+        if self.buffered > self.buffered_high:
+            self.buffered_high = self.buffered
+        if self.buffered > self.limits.max_buffered_bytes:
+            for conn in list(self.heads):
+                conn.shed()
+                if self.buffered <= self.limits.max_buffered_bytes:
+                    break
+
+    @property
+    def full(self) -> bool:
+        """No room for one more head: new connections are refused."""
+        return self.buffered > self.limits.max_buffered_bytes - self.max_head_bytes
 
     def drain(self) -> None:
         """Stop taking requests: idle connections close now, busy ones after their answer."""
@@ -215,7 +253,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.url = b""
         self.in_head = True
-        self.head_bytes = 0
+        self.head_bytes = 0  # of the unfinished head, as they arrive
+        self.head_size = 0  # of the head's completed fields, as the parser reports them
+        self.client: str | None = None  # counted against max_connections_per_client
         self.cur: Exchange | None = None  # the exchange being answered
         self.parsing: Exchange | None = None  # the exchange whose body is being read
         self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for cur
@@ -227,24 +267,65 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.read_eof = False
         self.deadline = _NEVER
         self.deadline_kind = _NONE
+        # limits.min_body_rate: body bytes since the current window opened
+        self.body_window_start = 0.0
+        self.body_window_bytes = 0
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         listener = self.listener
-        if len(listener.connections) >= listener.limits.max_connections or listener.closing:
-            listener.metrics.connections_refused.inc()
-            self.closed = True
-            self._write(closing_answer(*_REFUSED))
-            transport.close()
+        limits = listener.limits
+        if len(listener.connections) >= limits.max_connections or listener.closing:
+            self._refuse_connection(_REFUSED)
             return
-        listener.connections.add(self)
+        if listener.full:
+            self._refuse_connection(_SHED)
+            return
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
         self.peer_bytes = self.peer.encode()
         self.trusted = listener.plan.header_policy.trusts(self.peer)
+        cap = limits.max_connections_per_client
+        if cap and not self.trusted:
+            # Behind a trusted proxy, one connection carries many clients: not counted.
+            count = listener.per_client.get(self.peer, 0)
+            if count >= cap:
+                self._refuse_connection(_REFUSED)
+                return
+            listener.per_client[self.peer] = count + 1
+            self.client = self.peer
+        listener.connections.add(self)
         # A connection's first request head must arrive within header_timeout of the connection.
         self._expect(_HEAD, listener.limits.header_timeout)
+
+    def _refuse_connection(self, refusal: tuple[int, str, str]) -> None:
+        self.listener.metrics.connections_refused.inc()
+        self.closed = True
+        self._write(closing_answer(*refusal))
+        if self.transport is not None:
+            self.transport.close()
+
+    def shed(self) -> None:
+        """Memory is short and this unfinished head is the oldest: answer 503 and close."""
+        listener = self.listener
+        listener.metrics.connections_shed.inc()
+        self._release_head()
+        if self.cur is None and not self.closed:
+            listener.metrics.count_request(NO_ROUTE, "OTHER", 503)
+            self.closed = True
+            self._write(closing_answer(*_SHED))
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self._parse_failed(_SHED, "shed: memory short")
+
+    def _release_head(self) -> None:
+        if self.head_bytes:
+            listener = self.listener
+            listener.buffered -= self.head_bytes
+            listener.heads.pop(self, None)
+            self.head_bytes = 0
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_BUFFER
@@ -256,7 +337,14 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.paused & _PAUSE_DONE:
             return  # closing, or after an upgrade: nothing more is read as HTTP
         if self.in_head:
+            # All of it counts as head until the parser says where the head ended.
+            listener = self.listener
+            if not self.head_bytes:
+                listener.heads[self] = None
             self.head_bytes += len(data)
+            listener.hold(len(data))
+            if self.closed:
+                return  # shed
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -265,8 +353,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             if not isinstance(exc.__context__, _Refused):
                 self._parse_failed(_MALFORMED, type(exc).__name__)
         if self.in_head and self.head_bytes > self.listener.max_head_bytes:
-            # A head still incomplete after this many bytes (llhttp holds at most the field
-            # it is in; the fields read so far were bounded one by one).
+            # A head still incomplete after this many bytes.
             self._parse_failed(_TOO_BIG, "head too large")
         if self.out:
             self.flush()
@@ -287,6 +374,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.closed = True
         listener = self.listener
         listener.connections.discard(self)
+        self._release_head()
+        if self.client is not None:
+            count = listener.per_client.pop(self.client, 1) - 1
+            if count:
+                listener.per_client[self.client] = count
+            self.client = None
         if listener.closing and not listener.connections:
             listener.emptied.set()
         cur = self.cur
@@ -322,6 +415,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.headers = []
         self.url = b""
         self.in_head = True
+        self.head_size = 0
         if self.deadline_kind != _HEAD:
             self._expect(_HEAD, self.listener.limits.header_timeout)
 
@@ -330,6 +424,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if len(self.url) > self.listener.limits.max_header_bytes:
             self._parse_failed(_TOO_BIG, "request line too long")
             raise _Refused
+        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         limits = self.listener.limits
@@ -343,11 +438,19 @@ class ClientConnection(asyncio.BufferedProtocol):
         if len(headers) > limits.max_headers:
             self._parse_failed(_TOO_BIG, "too many headers")
             raise _Refused
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.listener.max_head_bytes:
+            self._parse_failed(_TOO_BIG, "head too large")
+            raise _Refused
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_bytes = 0
+        self._release_head()
         parser = self.parser
+        # The request line's method, spaces, version and line ends, and the head's last CRLF.
+        if self.head_size + len(parser.get_method()) + 13 > self.listener.max_head_bytes:
+            self._parse_failed(_TOO_BIG, "head too large")
+            raise _Refused
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._parse_failed(_MALFORMED, "HTTP version " + version)
@@ -358,7 +461,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.parsing = ex
         if ex.has_body:  # the body must keep arriving, until on_message_complete
             self.deadline_kind = _BODY
-            self.deadline = time.monotonic() + self.listener.limits.idle_timeout
+            now = time.monotonic()
+            self.deadline = now + self.listener.limits.idle_timeout
+            self.body_window_start = now
+            self.body_window_bytes = 0
         else:
             self.deadline_kind = _NONE
             self.deadline = _NEVER
@@ -495,6 +601,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         listener = self.listener
         log.info("malformed request from %s: %s", self.peer, why)
         self.pause(_PAUSE_DONE)
+        self._release_head()  # nothing more of it is read
+        self.headers = []
         ex = self.parsing
         self.parsing = None
         if ex is not None and not ex.gone:
@@ -520,6 +628,14 @@ class ClientConnection(asyncio.BufferedProtocol):
         ex = self.cur
         if ex is not None and ex.up is not None:
             ex.check_upstream(now)
+        if self.deadline_kind == _BODY and self._body_too_slow(now):
+            ex = self.parsing
+            self.parsing = None
+            self.deadline = _NEVER
+            if ex is not None:
+                log.info("request body from %s too slow", self.peer)
+                ex.refuse(BODY_TOO_SLOW)
+            return
         if now < self.deadline:
             return
         kind = self.deadline_kind
@@ -547,6 +663,26 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.deadline = _NEVER
             self.close()
 
+    def _body_too_slow(self, now: float) -> bool:
+        """limits.min_body_rate, judged per window; time the gateway held the body back
+        (upstream not taking it, pipelining) does not count against the client."""
+        limits = self.listener.limits
+        rate = limits.min_body_rate
+        if not rate:
+            return False
+        if self.paused & (_PAUSE_UPLOAD | _PAUSE_BUFFER | _PAUSE_PIPELINE):
+            self.body_window_start = now
+            self.body_window_bytes = 0
+            return False
+        elapsed = now - self.body_window_start
+        if elapsed < limits.min_body_rate_window:
+            return False
+        if self.body_window_bytes < rate * elapsed:
+            return True
+        self.body_window_start = now
+        self.body_window_bytes = 0
+        return False
+
 
 def _closing_exchange(conn: ClientConnection, answer: bytes) -> Exchange:
     ex = Exchange(conn, b"OTHER", b"", [], True)
@@ -562,12 +698,15 @@ class Exchange:
     __slots__ = (
         "body",
         "body_size",
+        "buffering",
         "bytes_in",
         "bytes_out",
         "cache",
         "chunked",
         "conn",
+        "connecting",
         "finished",
+        "forwarding",
         "gone",
         "has_body",
         "headers",
@@ -575,6 +714,7 @@ class Exchange:
         "identity",
         "inbound",
         "keep_alive",
+        "length",
         "local",
         "method",
         "method_name",
@@ -588,12 +728,16 @@ class Exchange:
         "response_started",
         "retried",
         "route",
+        "spool",
+        "spool_sent",
+        "spooled",
         "started",
         "status",
         "target",
         "task",
         "unsent_head",
         "up",
+        "upload_done",
         "upload_paused",
         "upstream_head_bytes",
         "upstream_seconds",
@@ -630,8 +774,16 @@ class Exchange:
         self.identity: Active | None = None
         self.local: bytes | None = None  # a local answer waiting for its turn
         self.request_done = False
-        self.body: list[bytes] | None = None  # frames held until an upstream is attached
-        self.body_size = 0
+        self.body: list[bytes] | None = None  # body bytes held in memory, in order
+        self.body_size = 0  # their size, counted in listener.buffered
+        self.buffering = False  # the body is read whole before the upstream request opens
+        self.spool: IO[bytes] | None = None  # the rest of a buffered body, on disk
+        self.spooled = 0
+        self.spool_sent = 0
+        self.forwarding: tuple[Routed, Active | None] | None = None
+        self.connecting = False
+        self.length: int | None = None  # Content-Length sent upstream for a body read whole
+        self.upload_done = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.up: UpstreamConnection | None = None
@@ -678,6 +830,7 @@ class Exchange:
         route = self.route = routed.route
         self.path = routed.path
         self.target = routed.target
+        self.buffering = self.has_body and route.request_buffering != "off"
         if route.max_body_bytes and inbound.content_length is not None:
             refused = check_framing(inbound, self.http11, route.max_body_bytes)
             if refused is not None:
@@ -760,7 +913,7 @@ class Exchange:
             parts.append(refused.body)
         conn.out.append(b"".join(parts))
         self.response_started = self.response_done = True
-        self.body = None
+        self._drop_body()
         if self.request_done:
             conn.answered(self)
         elif not self.keep_alive:
@@ -810,33 +963,43 @@ class Exchange:
     # ------------------------------------------------------------------ forwarding
     def forward(self, routed: Routed, identity: Active | None) -> None:
         conn = self.conn
-        listener = conn.listener
         route = routed.route
-        self.upstream_head_bytes = self.plan.header_policy.request_head(
-            self.method,
-            routed.target,
-            route.pool.host_header,
-            self.inbound,
-            conn.peer_bytes,
-            listener.scheme,
-            identity,
-            self.request_id.encode(),
-            self.chunked,
-            route.forward_authorization,
-        )
         if self.has_body and self.http11 and self._expects_continue():
             # The token is good: let the client send its body now instead of after its own
             # timeout. The upstream never sees the Expect, so it sends no 100 of its own.
             conn.out.append(_CONTINUE)
         self.upstream_started = time.perf_counter()
         route.overhead.observe(self.upstream_started - self.started)
-        up = route.pool.acquire()
-        if up is not None:
-            self.upstream_ready(up)
-        else:
-            route.pool.open(self, route.timeout)
+        self.forwarding = (routed, identity)
+        if self.buffering and not self.request_done:
+            return  # the upstream request opens once the whole body is here
+        self._open_upstream()
+
+    def _open_upstream(self) -> None:
+        assert self.forwarding is not None
+        routed, identity = self.forwarding
+        route = routed.route
+        conn = self.conn
+        # With request_buffering "on", a body read whole goes up with its length, whatever
+        # the client's framing (as nginx does); "auto" keeps the client's framing.
+        self.length = self.bytes_in if self.buffering and route.request_buffering == "on" else None
+        self.upstream_head_bytes = self.plan.header_policy.request_head(
+            self.method,
+            routed.target,
+            route.pool.host_header,
+            self.inbound,
+            conn.peer_bytes,
+            conn.listener.scheme,
+            identity,
+            self.request_id.encode(),
+            self.chunked,
+            route.forward_authorization,
+            self.length,
+        )
+        self._connect(route)
 
     def _connect(self, route: CompiledRoute) -> None:
+        self.connecting = True
         up = route.pool.acquire()
         if up is not None:
             self.upstream_ready(up)
@@ -844,25 +1007,23 @@ class Exchange:
             route.pool.open(self, route.timeout)
 
     def upstream_ready(self, conn: UpstreamConnection) -> None:
+        self.connecting = False
         if self.gone or self.response_started:
             conn.reusable = True
             conn.pool.release(conn)
             return
         self.up = conn
+        self.upload_done = False
         conn.start(self, self.upstream_head_bytes, self.method == b"HEAD")
-        if self.body:
-            conn.write(b"".join(self.body))
-            self.body = None
-            self.body_size = 0
-            self.conn.resume(_PAUSE_BUFFER)
-        if self.request_done:
-            conn.sent()
+        self._pump()
         if self.conn.write_paused:
             conn.pause_reading()
 
+    # ------------------------------------------------------------------ the request body
     def body_received(self, chunk: bytes) -> None:
         self.bytes_in += len(chunk)
         conn = self.conn
+        conn.body_window_bytes += len(chunk)
         if conn.deadline_kind == _BODY:
             conn.deadline = time.monotonic() + conn.listener.limits.idle_timeout
         route = self.route
@@ -870,37 +1031,115 @@ class Exchange:
             conn.parsing = None
             self.refuse(TOO_LARGE)
             raise _Refused
-        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked else chunk
         up = self.up
-        if up is not None:
-            up.write(frame)  # also while an early answer is relayed: the upstream may read on
+        if up is not None and self.body is None and self.spool is None:
+            # also while an early answer is relayed: the upstream may read on
+            up.write(self._frame(chunk))
             return
         if self.response_started:
             return  # answered already: dropped
-        if self.body is None:
-            self.body = []
-        self.body.append(frame)
-        self.body_size += len(frame)
-        if self.body_size > _BUFFER_LIMIT:
-            conn.pause(_PAUSE_BUFFER)
+        self._keep(chunk)
+
+    def _frame(self, data: bytes) -> bytes:
+        """Body bytes as they go upstream: chunk-framed when the client's body was chunked
+        and is not sent with a known length."""
+        if self.chunked and self.length is None:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        return data
+
+    def _keep(self, chunk: bytes) -> None:
+        """Hold body bytes until they can go upstream: in memory up to a bound, then (when the
+        body is buffered whole) in a temporary file."""
+        listener = self.conn.listener
+        if self.spool is None:
+            limit = listener.limits.request_buffer_memory_bytes if self.buffering else 0
+            if self.buffering and self.body_size + len(chunk) > limit:
+                route = self.route
+                if route is None or route.request_buffering != "on":
+                    self._stop_buffering()  # "auto": a body this large streams
+            if not self.buffering or self.body_size + len(chunk) <= limit:
+                if self.body is None:
+                    self.body = []
+                self.body.append(chunk)
+                self.body_size += len(chunk)
+                listener.hold(len(chunk))
+                if self.up is not None:
+                    self._pump()  # attached just now (a body too large to buffer)
+                elif not self.buffering and self.body_size > _BUFFER_LIMIT:
+                    self.conn.pause(_PAUSE_BUFFER)
+                return
+            try:
+                self.spool = tempfile.TemporaryFile(prefix="gateway-body-")  # noqa: SIM115
+            except OSError as exc:
+                log.warning("cannot buffer a request body on disk, streaming it: %s", exc)
+                self._stop_buffering()
+                self._keep(chunk)
+                return
+        os.pwrite(self.spool.fileno(), chunk, self.spooled)
+        self.spooled += len(chunk)
+        route = self.route
+        cap = route.max_body_bytes if route is not None and route.max_body_bytes else _SPOOL_CAP
+        if self.buffering and self.spooled > cap:
+            self._stop_buffering()  # no limit on this route: a huge body is streamed
+        if not self.buffering:
+            self.conn.pause(_PAUSE_BUFFER)  # streamed: the file drains before more is read
+            self._pump()
+
+    def _stop_buffering(self) -> None:
+        self.buffering = False
+        if self.forwarding is not None and not self.connecting and self.up is None:
+            self._open_upstream()
+
+    def _pump(self) -> None:
+        """Send what is held, in order, as far as the upstream takes it; then, once the
+        client's body is complete, finish the upstream request."""
+        up = self.up
+        if up is None:
+            return
+        if self.body is not None:
+            parts, self.body = self.body, None
+            up.write(b"".join(self._frame(p) for p in parts if p))
+            self.conn.listener.buffered -= self.body_size
+            self.body_size = 0
+        spool = self.spool
+        while spool is not None:
+            if self.upload_paused:
+                return  # resume_upload pumps again
+            piece = os.pread(spool.fileno(), _PUMP_PIECE, self.spool_sent)
+            if not piece:
+                spool.close()
+                self.spool = spool = None
+                self.spooled = self.spool_sent = 0
+                break
+            self.spool_sent += len(piece)
+            up.write(self._frame(piece))
+        if self.conn.paused & _PAUSE_BUFFER:
+            self.conn.resume(_PAUSE_BUFFER)
+        if self.request_done and not self.upload_done:
+            self.upload_done = True
+            if self.chunked and self.length is None:
+                up.write(b"0\r\n\r\n")
+            up.sent()
+
+    def _drop_body(self) -> None:
+        if self.body is not None:
+            self.body = None
+            self.conn.listener.buffered -= self.body_size
+            self.body_size = 0
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
     def request_complete(self) -> None:
         self.request_done = True
         if self.response_done:
             self.conn.answered(self)
             return
-        up = self.up
-        if up is None and self.response_started:
+        if self.buffering:
+            if self.forwarding is not None and not self.connecting and self.up is None:
+                self._open_upstream()
             return
-        if self.chunked:
-            if up is not None:
-                up.write(b"0\r\n\r\n")
-            else:
-                if self.body is None:
-                    self.body = []
-                self.body.append(b"0\r\n\r\n")
-        if up is not None:
-            up.sent()
+        self._pump()
 
     def check_upstream(self, now: float) -> None:
         """The route's timeout, while the upstream owes us bytes or will not take ours."""
@@ -926,6 +1165,7 @@ class Exchange:
         """The client is gone: nothing more is sent or awaited for this exchange."""
         self.gone = True
         self._drop_upstream()
+        self._drop_body()
 
     # ------------------------------------------------------------------ upstream.Receiver
     def upstream_interim(
@@ -1035,6 +1275,8 @@ class Exchange:
 
     def resume_upload(self) -> None:
         self.upload_paused = False
+        if self.spool is not None:
+            self._pump()
         self.conn.resume(_PAUSE_UPLOAD)
 
     def _upstream_done(self) -> None:

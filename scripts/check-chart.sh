@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline checks of the Helm chart in helm/gateway.
 #
-#   scripts/check-chart.sh                      default values, values-sidecar.yaml, ci/full-values.yaml
+#   scripts/check-chart.sh                      default values, values-sidecar.yaml (also with
+#                                               the NetworkPolicy on), ci/full-values.yaml
 #   scripts/check-chart.sh -f my-values.yaml    one render with these extra helm args
 #
 # For each render: helm lint --strict, helm template, yamllint (duplicate keys, syntax) on the
@@ -103,6 +104,7 @@ sys.exit(1)
 PY
     AUTHLETE_ACCESS_TOKEN=check-chart-dummy "$gateway" check-config --config "$out/gateway.yaml" \
       >"$out/check.txt" 2>&1 || { cat "$out/check.txt" >&2; die "$label: gateway check-config rejected the rendered config"; }
+    grep '^warning: ' "$out/check.txt" >&2 || true  # valid, but worth a look
     say "gateway check-config: OK"
   else
     say "gateway check-config skipped (no gateway command or no Python with PyYAML)"
@@ -116,5 +118,7 @@ else
   check "default values"
   check "values-sidecar.yaml" -f "$CHART/values-sidecar.yaml"
   check "ci/full-values.yaml" -f "$CHART/ci/full-values.yaml"
+  check "values-sidecar.yaml + networkPolicy" -f "$CHART/values-sidecar.yaml" \
+    --set networkPolicy.enabled=true --set networkPolicy.podSelector.app=orders
 fi
 say "all OK"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import re
 import shlex
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from gateway.cli import main as cli_main
 from tests.conftest import start_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,6 +280,134 @@ def test_help_and_version_same_for_module_and_script() -> None:
     version = _cli(["--version"], command="module")
     assert version.returncode == 0
     assert re.search(r"\d+\.\d+", version.stdout + version.stderr)
+
+
+# --------------------------------------------------------------------------- check-config warnings
+
+
+def _routes_config(routes: list[dict[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(yaml.safe_dump(VALID))
+    data["routes"] = routes
+    return data
+
+
+def _check_warnings(
+    tmp_path: Path, routes: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> list[str]:
+    """check-config through the CLI's main(): exit 0, and the `warning:` lines."""
+    path = _write(tmp_path, _routes_config(routes))
+    assert cli_main(["check-config", "-c", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{path}: OK")
+    assert "warning: " not in out
+    lines = _lines(err)
+    assert all(line.startswith("warning: ") for line in lines), lines
+    return [line.removeprefix("warning: ") for line in lines]
+
+
+def _route(name: str, prefix: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "path_prefix": prefix, "upstream": f"http://{name}.svc:8080", **extra}
+
+
+def test_check_config_warns_when_other_methods_reach_a_public_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    routes = [
+        _route("admin", "/admin", methods=["GET"], scopes=["admin"]),
+        _route("site", "/", auth="none"),
+    ]
+    warnings = _check_warnings(tmp_path, routes, capsys)
+    assert len(warnings) == 2, warnings
+    falls, catch_all = warnings
+    assert "'admin'" in falls and "'site'" in falls
+    assert "only GET for /admin" in falls
+    assert "any other method (not GET)" in falls
+    assert "WITHOUT a token" in falls and "http://site.svc:8080" in falls
+    assert "public catch-all" in catch_all and "'site'" in catch_all
+    assert "without a token" in catch_all
+    # The example names the protected prefix that an upstream may confuse.
+    assert "/adminx" in catch_all and 'nginx "location /admin"' in catch_all
+
+
+def test_check_config_warns_when_a_broader_protected_route_takes_other_methods(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    routes = [
+        _route("reports", "/api/reports", methods=["GET", "HEAD"], scopes=["reports"]),
+        _route("api", "/api", methods=["GET", "POST", "DELETE"], scopes=["api"]),
+        _route("fallback", "/"),
+    ]
+    warnings = _check_warnings(tmp_path, routes, capsys)
+    assert len(warnings) == 3, warnings
+    to_api, to_fallback, api_to_fallback = warnings
+    assert "route 'reports' takes only GET, HEAD for /api/reports" in to_api
+    assert "DELETE, POST requests to /api/reports fall through to route 'api' (/api)" in to_api
+    assert "only its own scopes (api)" in to_api and "WITHOUT" not in to_api
+    assert "any other method (not DELETE, GET, HEAD, POST)" in to_fallback
+    assert "route 'fallback' (/)" in to_fallback and "accepts any token" in to_fallback
+    assert "route 'api' takes only DELETE, GET, POST for /api" in api_to_fallback
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        # Methods split deliberately over routes for the same prefix, all protected.
+        [
+            _route("orders-write", "/orders", methods=["POST", "PUT"], scopes=["w"]),
+            _route("orders", "/orders", scopes=["r"]),
+            _route("docs", "/docs", auth="none"),
+        ],
+        # The broader route takes no method the limited one leaves over.
+        [
+            _route("admin", "/admin", methods=["GET", "POST"], scopes=["admin"]),
+            _route("api", "/", methods=["GET"]),
+        ],
+        # Not an ancestor by whole segments: /admin does not cover /administration.
+        [
+            _route("administration", "/administration", methods=["GET"]),
+            _route("admin", "/admin", auth="none"),
+        ],
+        # Later routes for other prefixes, and a public route limited by methods.
+        [
+            _route("public-get", "/public", methods=["GET"], auth="none"),
+            _route("orders", "/orders", methods=["GET"], scopes=["r"]),
+            _route("billing", "/billing"),
+        ],
+    ],
+    ids=["same-prefix-split", "nothing-left-over", "not-an-ancestor", "unrelated"],
+)
+def test_check_config_no_warning_for_tables_without_fall_through(
+    tmp_path: Path, routes: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _check_warnings(tmp_path, routes, capsys) == []
+
+
+def test_check_config_same_prefix_routes_are_reported_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    routes = [
+        _route("orders-read", "/orders", methods=["GET"], scopes=["r"]),
+        _route("orders-write", "/orders", methods=["POST"], scopes=["w"]),
+        _route("anything", "/", auth="none"),
+    ]
+    falls, catch_all = _check_warnings(tmp_path, routes, capsys)
+    assert "routes 'orders-read', 'orders-write' take only GET, POST for /orders" in falls
+    assert "(not GET, POST)" in falls and "WITHOUT a token" in falls
+    assert "public catch-all" in catch_all
+
+
+def test_check_config_warnings_from_the_real_command(tmp_path: Path) -> None:
+    routes = [_route("admin", "/admin", methods=["GET"]), _route("all", "/", auth="none")]
+    path = _write(tmp_path, _routes_config(routes))
+    result = _cli(["check-config", "-c", str(path)])
+    assert result.returncode == 0, result.stderr
+    _no_traceback(result)
+    warnings = _lines(result.stderr)
+    assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings), warnings
+    assert result.stdout.startswith(f"{path}: OK")
+    # The valid example file of this module has none.
+    clean = _cli(["check-config", "-c", str(_write(tmp_path, VALID, "valid.yaml"))])
+    assert clean.returncode == 0 and clean.stderr == ""
 
 
 # --------------------------------------------------------------------------- run
@@ -671,3 +802,87 @@ def test_demo_prints_working_curl_commands(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# --------------------------------------------------------------------------- emulator
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:18499", "[::]:18499", "10.1.2.3:18499", "example.com:1"]
+)
+def test_emulator_refuses_a_non_loopback_listen_address(listen: str) -> None:
+    result = _cli(["emulator", "--listen", listen])
+    assert result.returncode == 2
+    _no_traceback(result)
+    (line,) = _lines(result.stderr)
+    assert "not a loopback address" in line and "--allow-remote" in line
+    assert "no authentication" in line
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "[::1]"])
+def test_emulator_loopback_listen_needs_no_flag(host: str) -> None:
+    if host == "[::1]" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    port = _free_port()
+    with _emulator_process([f"{host}:{port}"]) as (proc, stderr_path):
+        _wait_for_emulator(proc, host if host != "localhost" else "127.0.0.1", port)
+        stderr = stderr_path.read_text(encoding="utf-8")
+    assert "warning" not in stderr
+
+
+def test_emulator_allow_remote_listens_with_a_warning() -> None:
+    port = _free_port()
+    with _emulator_process(["0.0.0.0:" + str(port), "--allow-remote"]) as (proc, stderr_path):
+        _wait_for_emulator(proc, "127.0.0.1", port)
+        stderr = stderr_path.read_text(encoding="utf-8")
+    (warning,) = [line for line in _lines(stderr) if line.startswith("warning: ")]
+    assert "0.0.0.0" in warning and "no authentication" in warning and "/_emulator/" in warning
+
+
+@contextlib.contextmanager
+def _emulator_process(args: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        stderr_path = Path(tmp) / "stderr"
+        with stderr_path.open("wb") as err:
+            proc = subprocess.Popen(
+                [GATEWAY_SCRIPT, "emulator", "--listen", *args],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=_env(),
+                cwd=REPO,
+            )
+        try:
+            yield proc, stderr_path
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_for_emulator(proc: subprocess.Popen[bytes], host: str, port: int) -> None:
+    """Until the emulator answers on its control API (GET /_emulator/stats)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"emulator exited with {proc.returncode}"
+        conn = http.client.HTTPConnection(host.strip("[]"), port, timeout=2)
+        try:
+            conn.request("GET", "/_emulator/stats")
+            assert conn.getresponse().status == 200
+            return
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    pytest.fail(f"the emulator never answered on {host}:{port}")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

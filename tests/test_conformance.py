@@ -932,7 +932,8 @@ async def test_client_leaving_mid_body_closes_the_upstream_connection(
     how: str,
 ) -> None:
     up = await raw_upstream(http())
-    gw = await launch(up, limits={"idle_timeout": 30})  # no timeout can be what closes it
+    # no timeout can be what closes it; the body streams as it arrives
+    gw = await launch(up, limits={"idle_timeout": 30, "request_buffering": "off"})
     framing_line = TE_CHUNKED if framing == "chunked" else f"Content-Length: {MiB}"
     client = await Client.open(gw.port)
     try:
@@ -1125,7 +1126,8 @@ async def test_chunked_body_breaking_after_its_head_was_forwarded(
     bad: bytes,
 ) -> None:
     up = await raw_upstream(http())
-    gw = await launch(up, limits={"idle_timeout": 30})  # no timeout can be what closes it
+    # no timeout can be what closes it; the body streams as it arrives
+    gw = await launch(up, limits={"idle_timeout": 30, "request_buffering": "off"})
     client = await Client.open(gw.port)
     try:
         assert await client.send(head("POST", "/public/chunks", TE_CHUNKED) + b"5\r\nhello\r\n")

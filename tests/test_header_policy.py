@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from gateway.config import HeadersConfig
-from gateway.proxy import HeaderPolicy, _drop_listed, response_headers
+from gateway.proxy import (
+    DROPPED_FROM_EVERY_PEER,
+    DROPPED_FROM_UNTRUSTED,
+    HeaderPolicy,
+    _drop_listed,
+    response_headers,
+)
 from gateway.verdict import Active
 from tests.conftest import make_config
 
@@ -64,6 +70,7 @@ def forward(
     chunked: bool = False,
     peer: bytes = b"198.51.100.9",
     scheme: bytes = b"http",
+    forward_authorization: bool = True,
 ) -> tuple[bytes, Headers]:
     inbound = p.scan(headers, trusted)
     head = p.request_head(
@@ -76,6 +83,7 @@ def forward(
         identity,
         b"rid-1",
         chunked,
+        forward_authorization,
     )
     return parse_head(head)
 
@@ -222,7 +230,7 @@ def _spellings(name: str) -> list[bytes]:
         (
             {},
             ("X-Auth-Subject", "X-Auth-Scopes", "X-Auth-Client-Id"),
-            b"X-User",
+            b"X-Auth-Subjects",
         ),
         (
             {"headers": {"subject": "X-User", "scopes": "X-Perms", "client_id": "X_App_Id"}},
@@ -561,3 +569,407 @@ def test_drop_listed_with_nothing_listed_changes_nothing() -> None:
     for listed in ([b"close"], [b"keep-alive"], [b"close", b"keep-alive"], [b" , "]):
         _drop_listed(parts, listed, 0)
         assert parts == before
+
+
+# --------------------------------------------------------------------------- identity-like claims
+
+# Named in issue 10: each reached every upstream from an untrusted peer.
+ISSUE_10_CLAIMS = [
+    b"X-Forwarded-User",
+    b"X-Forwarded-Email",
+    b"X-Forwarded-Groups",
+    b"X-Forwarded-Preferred-Username",
+    b"X-Forwarded-Access-Token",
+    b"X-Forwarded-Scheme",
+    b"X-Forwarded-Ssl",
+    b"X-Forwarded-Path",
+    b"X-Remote-User",
+    b"Remote-User",
+    b"X-Auth-Request-User",
+    b"X-Auth-Request-Email",
+    b"X-Auth-Request-Preferred-Username",
+    b"True-Client-IP",
+    b"X-Client-IP",
+    b"X-Original-Host",
+    b"X-Host",
+    b"X-HTTP-Method-Override",
+]
+METHOD_OVERRIDES = [b"X-HTTP-Method-Override", b"X-HTTP-Method", b"X-Method-Override"]
+# Near misses of listed names, and headers clients legitimately send: never dropped.
+ORDINARY = [
+    b"Accept",
+    b"Cookie",
+    b"User-Agent",
+    b"X-Forwarded",  # not an X-Forwarded-* name
+    b"X-Forwardedx-User",
+    b"X-Remote",
+    b"X-Users",
+    b"Remote-Users",
+    b"X-Original-Hostname",
+    b"X-Auth-Token",  # an API key some upstreams take from clients themselves
+    b"X-Auth-Requests",
+    b"X-Request-Start",
+    b"X-Http-Methods",
+]
+
+
+def examples(entry: str) -> list[str]:
+    """Header names an entry of a drop list covers: itself, or names under a prefix."""
+    if not entry.endswith("*"):
+        return [entry]
+    prefix = entry[:-1]
+    return [prefix + "user", prefix + "a-b"] + ([] if prefix.endswith("-") else [prefix])
+
+
+def spellings(name: str) -> list[bytes]:
+    """Spellings many frameworks read as one name: any case, `_` for any `-`."""
+    us = name.replace("-", "_")
+    words = name.split("-")
+    capital = "-".join(w.capitalize() for w in words)
+    first_us = name.replace("-", "_", 1)
+    return [
+        s.encode() for s in dict.fromkeys([name, name.upper(), capital, us, us.upper(), first_us])
+    ]
+
+
+UNTRUSTED_ONLY_NAMES = sorted({n for e in DROPPED_FROM_UNTRUSTED for n in examples(e)})
+EVERY_PEER_NAMES = sorted({n for e in DROPPED_FROM_EVERY_PEER for n in examples(e)})
+
+
+def kept_names(p: HeaderPolicy, headers: Headers, trusted: bool) -> list[bytes]:
+    return names(p.scan(headers, trusted).kept)
+
+
+def test_the_claims_named_in_issue_10_are_on_the_default_lists() -> None:
+    p = policy()
+    for name in ISSUE_10_CLAIMS:
+        for spelling in spellings(name.decode()):
+            assert kept_names(p, [(spelling, b"spoof"), (b"X-Control", b"c")], False) == [
+                b"X-Control"
+            ], spelling
+
+
+def test_the_default_lists_are_disjoint_and_folded() -> None:
+    assert not DROPPED_FROM_UNTRUSTED & DROPPED_FROM_EVERY_PEER
+    for entry in DROPPED_FROM_UNTRUSTED | DROPPED_FROM_EVERY_PEER:
+        assert entry == entry.lower().replace("_", "-"), entry
+        assert "*" not in entry[:-1], entry  # a `*` only ends a prefix
+    # The ones the gateway sets keep their own rules (extended or replaced, never dropped).
+    for name in (b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Forwarded-Host"):
+        assert policy().scan([(name, b"v")], False).kept == []
+
+
+@pytest.mark.parametrize("name", UNTRUSTED_ONLY_NAMES)
+def test_listed_claims_are_dropped_from_untrusted_peers_in_every_spelling(name: str) -> None:
+    p = policy(trusted_proxies=TRUSTED)
+    for spelling in spellings(name):
+        assert kept_names(p, [(spelling, b"spoof"), (b"X-Control", b"c")], False) == [
+            b"X-Control"
+        ], spelling
+
+
+@pytest.mark.parametrize("name", UNTRUSTED_ONLY_NAMES)
+def test_listed_claims_pass_from_trusted_proxies_in_their_dashed_spelling_only(name: str) -> None:
+    """A trusted proxy sets these itself (it may have authenticated the user), always with
+    dashes; an underscore spelling is its client's copy, relayed unread, and would stand next
+    to the proxy's own in a framework that reads `_` as `-`."""
+    p = policy(trusted_proxies=TRUSTED)
+    dashed = [s for s in spellings(name) if b"_" not in s]
+    underscored = [s for s in spellings(name) if b"_" in s]
+    assert underscored or "-" not in name
+    for spelling in dashed:
+        assert kept_names(p, [(spelling, b"fact")], True) == [spelling]
+    for spelling in underscored:
+        assert kept_names(p, [(spelling, b"spoof")], True) == [], spelling
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("name", EVERY_PEER_NAMES)
+def test_method_overrides_are_dropped_from_every_peer(name: str, trusted: bool) -> None:
+    """A public GET must not become a DELETE in a framework that honours an override, and no
+    proxy in front ever sets one on a client's behalf."""
+    p = policy(trusted_proxies=TRUSTED)
+    for spelling in spellings(name):
+        assert kept_names(p, [(spelling, b"DELETE"), (b"X-Control", b"c")], trusted) == [
+            b"X-Control"
+        ], spelling
+
+
+def test_method_overrides_are_on_the_every_peer_list() -> None:
+    for name in METHOD_OVERRIDES:
+        assert name.decode().lower() in DROPPED_FROM_EVERY_PEER
+        assert kept_names(policy(trusted_proxies=TRUSTED), [(name, b"DELETE")], True) == []
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_ordinary_headers_and_near_misses_pass(trusted: bool) -> None:
+    headers = [(name, b"v") for name in ORDINARY]
+    assert kept_names(policy(trusted_proxies=TRUSTED), headers, trusted) == ORDINARY
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"Transfer_Encoding",
+        b"transfer_encoding",
+        b"TRANSFER_ENCODING",
+        b"Content_Length",
+        b"content_length",
+        b"X_Request_Id",
+        b"Proxy_Authorization",
+        b"Keep_Alive",
+        b"X_Forwarded_For",
+    ],
+)
+def test_underscore_spellings_of_framing_and_decided_on_names_are_dropped_unread(
+    name: bytes, trusted: bool
+) -> None:
+    inbound = policy(trusted_proxies=TRUSTED).scan([(name, b"5"), (b"X-Control", b"c")], trusted)
+    assert names(inbound.kept) == [b"X-Control"]
+    assert inbound.content_length is None
+    assert inbound.transfer_encoding is None
+    assert inbound.request_id is None
+    assert inbound.x_forwarded_for is None
+
+
+# --------------------------------------------------------------------------- the config keys
+
+
+def test_drop_from_untrusted_extends_the_list_with_names_and_prefixes() -> None:
+    p = policy(
+        trusted_proxies=TRUSTED,
+        headers={"drop_from_untrusted": ["X-Tenant", "x_internal_*", "X-Debug-"]},
+    )
+    spoofs = [
+        (b"X-Tenant", b"other"),
+        (b"x_tenant", b"other"),
+        (b"X-Internal-Role", b"root"),
+        (b"x-internal_flags", b"all"),
+        (b"X-Debug-", b"1"),
+    ]
+    ordinary = [(b"X-Internal", b"1"), (b"X-Tenants", b"1"), (b"X-Debug-Level", b"1")]
+    assert pairs(p.scan([*spoofs, *ordinary], False).kept) == ordinary
+    # From a trusted proxy they pass, in the dashed spelling only, like the built-in ones.
+    assert names(p.scan([*spoofs, *ordinary], True).kept) == [
+        b"X-Tenant",
+        b"X-Internal-Role",
+        b"X-Debug-",
+        *(n for n, _ in ordinary),
+    ]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_allow_from_untrusted_lets_a_named_header_through_on_purpose(trusted: bool) -> None:
+    p = policy(
+        trusted_proxies=TRUSTED,
+        headers={"allow_from_untrusted": ["X-Real-IP", "x_forwarded_prefix", "X-Auth-Request-*"]},
+    )
+    allowed = [
+        (b"X-Real-IP", b"203.0.113.5"),
+        (b"x_real_ip", b"203.0.113.6"),  # allowed in every spelling, as named
+        (b"X-Forwarded-Prefix", b"/app"),
+        (b"X-Auth-Request-User", b"alice"),
+        (b"x_auth_request_email", b"alice@example.com"),
+    ]
+    still_dropped = [(b"X-Forwarded-Port", b"443"), (b"X-Remote-User", b"mallory")]
+    kept = pairs(p.scan([*still_dropped, *allowed], trusted).kept)
+    expected = allowed if not trusted else [still_dropped[0], still_dropped[1], *allowed]
+    assert kept == expected
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_an_allowed_method_override_passes_from_every_peer(trusted: bool) -> None:
+    p = policy(trusted_proxies=TRUSTED, headers={"allow_from_untrusted": ["X-HTTP-Method"]})
+    headers = [(b"X-HTTP-Method", b"PATCH"), (b"X-HTTP-Method-Override", b"DELETE")]
+    assert pairs(p.scan(headers, trusted).kept) == [(b"X-HTTP-Method", b"PATCH")]
+
+
+def test_between_the_configured_lists_the_more_specific_entry_wins() -> None:
+    p = policy(
+        headers={
+            "drop_from_untrusted": ["x-internal-*", "x-team-secret", "x-both"],
+            "allow_from_untrusted": ["x-internal-ok", "x-team-*", "x-both"],
+        }
+    )
+    headers = [
+        (b"X-Internal-Ok", b"1"),  # exact allow beats a drop prefix
+        (b"X-Internal-Role", b"2"),
+        (b"X-Team-Name", b"3"),
+        (b"X-Team-Secret", b"4"),  # exact drop beats an allow prefix
+        (b"X-Both", b"5"),  # named in both: dropped (fail closed)
+    ]
+    assert names(p.scan(headers, False).kept) == [b"X-Internal-Ok", b"X-Team-Name"]
+
+
+def test_a_drop_everything_entry_with_an_allow_list_forwards_only_what_is_named() -> None:
+    """`drop_from_untrusted: ["*"]` turns the list into an allow list for untrusted peers;
+    the headers the gateway reads, sets or replaces keep their own rules."""
+    p = policy(
+        headers={"drop_from_untrusted": ["*"], "allow_from_untrusted": ["accept", "content-type"]}
+    )
+    headers = [
+        (b"Host", b"gw.test"),
+        (b"Accept", b"*/*"),
+        (b"Content-Type", b"text/plain"),
+        (b"X-Anything", b"1"),
+        (b"Cookie", b"a=b"),
+        (b"Authorization", b"Bearer t"),
+        (b"X-Forwarded-For", b"203.0.113.1"),
+        (b"Content-Length", b"3"),
+    ]
+    _, fields = forward(p, headers)
+    assert [n for n, _ in fields] == [
+        b"Host",
+        b"Accept",
+        b"Content-Type",
+        b"Authorization",
+        b"X-Forwarded-For",
+        b"X-Forwarded-Proto",
+        b"X-Forwarded-Host",
+        b"X-Request-Id",
+        b"Content-Length",
+    ]
+    assert names(p.scan(headers, True).kept) == [
+        b"Accept",
+        b"Content-Type",
+        b"X-Anything",
+        b"Cookie",
+        b"Authorization",
+    ]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_allow_from_untrusted_never_overrides_the_gateways_own_rules(trusted: bool) -> None:
+    allowed = [
+        "X-Auth-Subject",
+        "x_auth_scopes",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Content_Length",
+        "Transfer_Encoding",
+        "X-Forwarded-Host",
+        "X-Forwarded-Proto",
+        "X_Forwarded_For",
+        "x-forwarded-*",
+    ]
+    p = policy(trusted_proxies=TRUSTED, headers={"allow_from_untrusted": allowed})
+    headers = [
+        (b"Host", b"gw.test"),
+        (b"X-Auth-Subject", b"mallory"),
+        (b"X_Auth_Scopes", b"admin"),
+        (b"Upgrade", b"websocket"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"Content_Length", b"9"),
+        (b"Transfer_Encoding", b"chunked"),
+        (b"X_Forwarded_For", b"203.0.113.9"),
+        (b"X-Forwarded-Host", b"evil.example"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Ssl", b"on"),  # allowed through the configured prefix
+    ]
+    _, fields = forward(p, headers, trusted=trusted, identity=ALICE)
+    assert values(fields, b"X-Auth-Subject") == [b"alice"]
+    assert values(fields, b"X-Auth-Scopes") == [b"read write"]
+    for name in (b"Upgrade", b"Proxy-Authorization", b"Content_Length", b"Transfer_Encoding"):
+        assert values(fields, name) == []
+    assert values(fields, b"X_Forwarded_For") == []
+    assert values(fields, b"X-Forwarded-For") == [b"198.51.100.9"]
+    assert values(fields, b"X-Forwarded-Host") == [b"evil.example" if trusted else b"gw.test"]
+    assert values(fields, b"X-Forwarded-Proto") == [b"https" if trusted else b"http"]
+    assert values(fields, b"X-Forwarded-Ssl") == [b"on"]
+
+
+def test_a_configured_identity_name_on_the_list_comes_only_from_the_verdict() -> None:
+    p = policy(
+        trusted_proxies=TRUSTED,
+        headers={"subject": "X-Remote-User", "allow_from_untrusted": ["x-remote-user"]},
+    )
+    for trusted in (False, True):
+        _, fields = forward(p, [(b"X-Remote-User", b"mallory")], trusted=trusted, identity=ALICE)
+        assert values(fields, b"X-Remote-User") == [b"alice"]
+
+
+def test_listed_decisions_are_remembered_per_spelling_and_trust_level() -> None:
+    p = policy(trusted_proxies=TRUSTED)
+    headers = [(b"X-Remote-User", b"a"), (b"x_remote_user", b"b"), (b"X-Method-Override", b"c")]
+    for _ in range(2):  # the second round is answered from the remembered spellings
+        assert p.scan(headers, False).kept == []
+        assert names(p.scan(headers, True).kept) == [b"X-Remote-User"]
+    assert set(p._kinds_untrusted) >= {n for n, _ in headers}
+    assert set(p._kinds_trusted) >= {n for n, _ in headers}
+
+
+# --------------------------------------------------------------------------- obs-text
+
+
+@pytest.mark.parametrize("value", [b"\x80abc", b"caf\xe9", b"\xff", b"a \x80\xfe z", b"\xc3\xa9"])
+def test_obs_text_values_go_upstream_byte_for_byte(value: bytes) -> None:
+    p = policy()
+    inbound = p.scan([(b"X-Obs", value)], False)
+    head = p.request_head(b"GET", b"/", b"up", inbound, b"1.2.3.4", b"http", None, b"r", False)
+    assert b"\r\nX-Obs: " + value + b"\r\n" in head
+
+
+# --------------------------------------------------------------------------- forward_authorization
+
+
+@pytest.mark.parametrize("identity", [ALICE, None], ids=["protected", "auth-none"])
+def test_authorization_is_forwarded_in_place_by_default(identity: Active | None) -> None:
+    headers = [(b"Accept", b"a"), (b"Authorization", b"Bearer t"), (b"Cookie", b"c")]
+    _, fields = forward(policy(), headers, identity=identity)
+    assert fields[1:4] == headers
+
+
+@pytest.mark.parametrize("identity", [ALICE, None], ids=["protected", "auth-none"])
+def test_forward_authorization_false_keeps_the_token_from_the_upstream(
+    identity: Active | None,
+) -> None:
+    p = policy()
+    headers = [
+        (b"Accept", b"a"),
+        (b"Authorization", b"Bearer t"),
+        (b"Cookie", b"c"),
+        (b"authorization", b"Basic second"),  # a public route does not refuse several
+        (b"X-Last", b"l"),
+    ]
+    _, fields = forward(p, headers, identity=identity, forward_authorization=False)
+    assert values(fields, b"Authorization") == []
+    assert fields[1:4] == [(b"Accept", b"a"), (b"Cookie", b"c"), (b"X-Last", b"l")]
+    assert values(fields, b"X-Forwarded-For") == [b"198.51.100.9"]
+    # The same scan still forwards it where the route allows: nothing was removed in place.
+    inbound = p.scan(headers, False)
+    for allow in (False, True, False):
+        head = p.request_head(
+            b"GET", b"/", b"up", inbound, b"1.2.3.4", b"http", identity, b"r", False, allow
+        )
+        assert (b"\r\nAuthorization: Bearer t\r\n" in head) is allow
+
+
+def test_forward_authorization_false_after_connection_listed_headers_moved_it() -> None:
+    headers = [
+        (b"X-Hop", b"1"),
+        (b"Connection", b"X-Hop, x-other"),
+        (b"Accept", b"a"),
+        (b"x-other", b"2"),
+        (b"Authorization", b"Bearer t"),
+        (b"Cookie", b"c"),
+    ]
+    _, fields = forward(policy(), headers, forward_authorization=False)
+    assert fields[1:3] == [(b"Accept", b"a"), (b"Cookie", b"c")]
+    assert values(fields, b"Authorization") == []
+    _, fields = forward(policy(), headers)
+    assert fields[1:4] == [(b"Accept", b"a"), (b"Authorization", b"Bearer t"), (b"Cookie", b"c")]
+
+
+def test_forward_authorization_changes_nothing_else_in_the_head() -> None:
+    p = policy()
+    headers = [(b"Host", b"gw.test"), (b"Accept", b"a"), (b"Content-Length", b"2")]
+    inbound = p.scan(headers, False)
+    assert inbound.authorization_at is None
+    heads = {
+        p.request_head(
+            b"POST", b"/", b"up", inbound, b"1.2.3.4", b"http", ALICE, b"r", False, forward
+        )
+        for forward in (True, False)
+    }
+    assert len(heads) == 1

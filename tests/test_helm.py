@@ -38,7 +38,15 @@ NAMESPACE = "ci-ns"
 DEFAULT: tuple[str, ...] = ()
 SIDECAR: tuple[str, ...] = ("-f", str(SIDECAR_VALUES))
 FULL: tuple[str, ...] = ("-f", str(FULL_VALUES))
-SHAPES = {"default": DEFAULT, "sidecar": SIDECAR, "full": FULL}
+# Sidecar mode with the NetworkPolicy on: it selects the application's pods by their labels.
+SIDECAR_POLICY: tuple[str, ...] = (
+    *SIDECAR,
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set",
+    "networkPolicy.podSelector.app=orders",
+)
+SHAPES = {"default": DEFAULT, "sidecar": SIDECAR, "full": FULL, "sidecar-policy": SIDECAR_POLICY}
 
 Doc = dict[str, Any]
 
@@ -292,6 +300,7 @@ def test_full_render_has_every_optional_part() -> None:
         "ConfigMap",
         "Deployment",
         "HorizontalPodAutoscaler",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "Secret",
         "Service",
@@ -304,9 +313,16 @@ def test_full_render_has_every_optional_part() -> None:
 def test_sidecar_render_is_only_the_config() -> None:
     assert kinds(render(*SIDECAR)) == ["ConfigMap"]
     assert kinds(render(*SIDECAR, "--set", "authlete.accessToken=tok")) == ["ConfigMap", "Secret"]
-    # Even with the optional parts switched on, sidecar mode renders no workload objects.
-    docs = render(*FULL, "--set", "mode=sidecar")
-    assert kinds(docs) == ["ConfigMap", "Secret"]
+    # Even with the optional parts switched on, sidecar mode renders no workload objects
+    # (the NetworkPolicy then needs the application pods' labels).
+    docs = render(*FULL, "--set", "mode=sidecar", "--set", "networkPolicy.podSelector.app=x")
+    assert kinds(docs) == ["ConfigMap", "NetworkPolicy", "Secret"]
+    assert kinds(
+        render(*FULL, "--set", "mode=sidecar", "--set", "networkPolicy.enabled=false")
+    ) == [
+        "ConfigMap",
+        "Secret",
+    ]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -672,3 +688,103 @@ def test_values_files_only_use_documented_top_level_keys() -> None:
     for path in (SIDECAR_VALUES, FULL_VALUES):
         used = set(yaml.safe_load(path.read_text(encoding="utf-8")))
         assert used <= documented, (path.name, used - documented)
+
+
+# ------------------------------------------------------------------------------ NetworkPolicy
+
+
+def admitted_ports(rule: Doc) -> set[int] | None:
+    """The ports an ingress rule admits (None: every port)."""
+    if "ports" not in rule:
+        return None
+    return {int(p["port"]) for p in rule["ports"]}
+
+
+def test_network_policy_is_off_by_default() -> None:
+    for shape in (DEFAULT, SIDECAR):
+        assert "NetworkPolicy" not in kinds(render(*shape))
+
+
+def test_network_policy_admits_the_admin_port_only_from_the_scrapers() -> None:
+    docs = render(*FULL)
+    values = yaml.safe_load(FULL_VALUES.read_text(encoding="utf-8"))["networkPolicy"]
+    policy = one(docs, "NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    # Exactly the Deployment's pods, ingress only (egress stays open: Authlete, upstreams).
+    assert spec["podSelector"] == {"matchLabels": pod_selector(docs)}
+    assert spec["policyTypes"] == ["Ingress"]
+    container = gateway_container(docs)
+    proxy, admin = named_port(container, "http"), named_port(container, "admin")
+    rules = spec["ingress"]
+    assert all(admitted_ports(rule) is not None for rule in rules), "a rule admits every port"
+    to_proxy = [r for r in rules if proxy in (admitted_ports(r) or set())]
+    to_admin = [r for r in rules if admin in (admitted_ports(r) or set())]
+    assert [r["from"] for r in to_proxy] == [values["proxy"]["from"]]
+    assert admitted_ports(to_proxy[0]) == {proxy}
+    # The admin port: from admin.from, and from what extraIngress names; never from anywhere.
+    assert [r["from"] for r in to_admin] == [
+        values["admin"]["from"],
+        values["extraIngress"][0]["from"],
+    ]
+    assert all(r["from"] for r in to_admin)
+    assert {p for r in rules for p in admitted_ports(r) or set()} == {proxy, admin}
+
+
+def test_network_policy_defaults_proxy_open_admin_closed() -> None:
+    docs = render("--set", "networkPolicy.enabled=true")
+    spec = one(docs, "NetworkPolicy")["spec"]
+    assert spec["podSelector"] == {"matchLabels": pod_selector(docs)}
+    # One rule: the proxy port from anywhere. Nothing admits the admin port (the kubelet's
+    # probes come from the node, which NetworkPolicies do not block in most plugins).
+    assert spec["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    assert named_port(gateway_container(docs), "http") == 8080
+
+
+def test_network_policy_follows_the_ports() -> None:
+    docs = render(
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "ports.proxy=8181",
+        "--set",
+        "ports.admin=9191",
+        "--set-json",
+        'networkPolicy.admin.from=[{"namespaceSelector": {}}]',
+    )
+    rules = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert [admitted_ports(r) for r in rules] == [{8181}, {9191}]
+    assert rules[1]["from"] == [{"namespaceSelector": {}}]
+
+
+def test_network_policy_in_sidecar_mode_selects_the_application_pods(tmp_path: Path) -> None:
+    proc = _helm(*SIDECAR, "--set", "networkPolicy.enabled=true")
+    assert proc.returncode != 0
+    assert "networkPolicy.podSelector" in proc.stderr
+    docs = render(
+        *SIDECAR_POLICY,
+        "--set-json",
+        'networkPolicy.admin.from=[{"podSelector": {"matchLabels": {"app": "prometheus"}}}]',
+    )
+    spec = one(docs, "NetworkPolicy")["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"app": "orders"}}
+    # The ports the pasted gateway container listens on; the app's own port gets no rule.
+    gateway = _sidecar_pod(tmp_path / "chart", SIDECAR)["spec"]["containers"][0]
+    ports = [admitted_ports(r) for r in spec["ingress"]]
+    assert ports == [{named_port(gateway, "gw-http")}, {named_port(gateway, "gw-admin")}]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("networkPolicy.enabled=yes", "enabled"),
+        ("networkPolicy.admin.from[0].namespaceSelectr.a=b", "namespaceSelectr"),
+        ("networkPolicy.proxy.to=x", "to"),
+        ("networkPolicy.podSelector.app.x=y", "podSelector"),
+    ],
+)
+def test_schema_rejects_bad_network_policy_values(setting: str, message: str) -> None:
+    proc = _helm("--set", setting)
+    assert proc.returncode != 0
+    assert "schema" in proc.stderr
+    assert message in proc.stderr

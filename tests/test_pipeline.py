@@ -81,7 +81,7 @@ def description(denial: Denial) -> str:
     return text
 
 
-async def never(token: str, deadline: float, on_send: Any) -> Verdict:
+async def never(token: str, deadline: float, on_send: Any, priority: Any) -> Verdict:
     raise AssertionError("lookup must not introspect")
 
 
@@ -108,9 +108,9 @@ def test_plan_compiles_every_route_with_one_pool_per_origin() -> None:
 
 
 def test_plan_takes_token_limit_and_header_names_from_the_config() -> None:
-    plan = plan_of(config(max_token_bytes=64, headers={"subject": "X-User"}))
+    plan = plan_of(config(max_token_bytes=64, headers={"subject": "X-Caller"}))
     assert plan.max_token_bytes == 64
-    fields = inbound(plan, (b"x_user", b"spoof"), (b"X-A", b"1")).kept
+    fields = inbound(plan, (b"x_caller", b"spoof"), (b"X-A", b"1")).kept
     assert fields == [b"X-A", b": ", b"1", b"\r\n"]
 
 
