@@ -27,6 +27,8 @@ BAD_FRAMING = denial(400, "invalid_request", "Only Transfer-Encoding: chunked is
 BAD_HOST = denial(400, "invalid_request", "An HTTP/1.1 request needs exactly one Host header.")
 TOO_LARGE = denial(413, "request_too_large", "The request body exceeds this route's limit.")
 BODY_TIMEOUT = denial(408, "request_timeout", "The request body stopped arriving.")
+CONNECT_REFUSED = denial(405, "method_not_allowed", "CONNECT is not supported.")
+TRACE_REFUSED = denial(405, "method_not_allowed", "TRACE is not allowed on this route.")
 BODY_TOO_SLOW = denial(408, "request_timeout", "The request body arrives too slowly.")
 
 
@@ -111,13 +113,15 @@ def route_request(plan: Plan, method: bytes, raw_target: bytes) -> Routed | Deni
     routed = plan.routed.get(key)
     if routed is not None:
         return routed
+    if method == b"CONNECT":
+        return CONNECT_REFUSED  # a tunnel, whatever its target looks like: never forwarded
     try:
         target = parse_target(raw_target.decode("latin-1"))
     except PathError as exc:
         return denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
     route = plan.router.match(method.decode("latin-1"), target.path)
     if route is None:
-        return NOT_FOUND
+        return TRACE_REFUSED if method == b"TRACE" else NOT_FOUND
     routed = Routed(plan.routes[route.name], target.path, target.forward.encode())
     if len(plan.routed) >= _ROUTED_CACHE_SIZE:
         plan.routed.clear()  # bounded; a client varying its targets only empties it

@@ -25,6 +25,10 @@ _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
 _PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
 # Encoded octets that would change the path's structure if an upstream decoded them.
 _FORBIDDEN_OCTETS = {0x2F: "encoded slash", 0x5C: "encoded backslash", 0x00: "encoded NUL"}
+# Control characters, which upstream frameworks decode into paths their own route patterns
+# may still match (`/admin%0A` reached Starlette's `/admin`: Python's `$` matches before a
+# final newline), and which the raw path may not hold either.
+_CONTROL_OCTETS = frozenset(range(0x20)) | {0x7F}
 
 
 class PathError(ValueError):
@@ -62,9 +66,10 @@ def normalise_path(raw: str) -> str:
     """Decode unreserved percent-escapes, resolve dot segments, refuse anything ambiguous.
 
     Kept as is: reserved percent-escapes (uppercased), `;` parameters. Refused: encoded
-    slash, backslash or NUL, invalid or overlong UTF-8 in escapes, raw control or
-    non-ASCII characters, backslashes, empty segments (`//`), dot segments that carry
-    parameters (`..;x`), and `..` above the root.
+    slash, backslash, or control character (%00-%1F, %7F), invalid or overlong UTF-8 in
+    escapes, raw control or non-ASCII characters, backslashes, empty segments (`//`), dot
+    segments that carry parameters (`..;x`), and `..` above the root. The path is decoded
+    once, as upstream frameworks do: `%252e` stays `%252e`.
     """
     if not raw.startswith("/"):
         raise PathError("path must start with '/'")
@@ -82,6 +87,8 @@ def normalise_path(raw: str) -> str:
                 else:
                     if b in _FORBIDDEN_OCTETS:
                         raise PathError(_FORBIDDEN_OCTETS[b])
+                    if b in _CONTROL_OCTETS:
+                        raise PathError("encoded control character")
                     out.append(f"%{b:02X}")
             continue
         if ch == "\\":
@@ -147,9 +154,15 @@ class Router:
     routes: Sequence[Route]
 
     def match(self, method: str, path: str) -> Route | None:
+        """TRACE matches only a route that lists it: it echoes the request, credentials and
+        all, back to whoever sent it (cross-site tracing)."""
         key = _match_key(path)
         for route in self.routes:
-            if route.methods is not None and method not in route.methods:
+            methods = route.methods
+            if methods is None:
+                if method == "TRACE":
+                    continue
+            elif method not in methods:
                 continue
             prefix = route.path_prefix
             if prefix == "/" or key == prefix or key.startswith(prefix + "/"):

@@ -59,6 +59,7 @@ _HEADER_TIMEOUT = (408, "request_timeout", "The request headers took too long.")
 _MALFORMED = (400, "invalid_request", "The request is not valid HTTP.")
 _TOO_BIG = (431, "invalid_request", "The request headers are too large.")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SERVER_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Why reading from the client is paused; several reasons may hold at once.
 _PAUSE_PIPELINE = 1  # a request waits behind the one being answered
@@ -823,6 +824,9 @@ class Exchange:
             if refused is not None:
                 self.refuse(refused)
                 return
+        if self.raw_target == b"*" and self.method == b"OPTIONS":
+            self._server_options()
+            return
         routed = route_request(plan, self.method, self.raw_target)
         if isinstance(routed, Denial):
             self.deny(routed)
@@ -884,33 +888,39 @@ class Exchange:
     # ------------------------------------------------------------------ local answers
     def deny(self, refused: Denial, close: bool = False) -> None:
         """Answer the client ourselves (RFC 6750 style for token problems)."""
-        conn = self.conn
         if not self.request_done:
             remaining = self._unread_body()
             if close or remaining is None or remaining > _DISCARD_LIMIT or self._expects_continue():
                 close = True
         if close:
             self.keep_alive = False
-        self.status = refused.status
         parts = [
-            status_line(refused.status),
-            date_line(),
             b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Cache-Control: no-store\r\nPragma: no-cache\r\nX-Request-Id: " % len(refused.body),
-            self.request_id.encode(),
-            b"\r\n",
+            b"Cache-Control: no-store\r\nPragma: no-cache\r\n" % len(refused.body)
         ]
         if refused.challenge is not None:
             parts += (b"WWW-Authenticate: ", refused.challenge.encode(), b"\r\n")
         if refused.retry_after is not None:
             parts += (b"Retry-After: ", refused.retry_after.encode(), b"\r\n")
+        self._answer(refused.status, parts, refused.body)
+
+    def _server_options(self) -> None:
+        """`OPTIONS *` asks about the server, not a resource: answered here, never routed."""
+        self._answer(200, [b"Allow: ", _SERVER_METHODS, b"\r\nContent-Length: 0\r\n"], b"")
+
+    def _answer(self, status: int, headers: list[bytes], body: bytes) -> None:
+        """A local answer: status line, Date, the given header lines, the request id."""
+        conn = self.conn
+        self.status = status
+        parts = [status_line(status), date_line(), *headers]
+        parts += (b"X-Request-Id: ", self.request_id.encode(), b"\r\n")
         if not self.keep_alive:
             parts.append(b"Connection: close\r\n")
         elif not self.http11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         if self.method != b"HEAD":  # a HEAD answer announces its body but carries none
-            parts.append(refused.body)
+            parts.append(body)
         conn.out.append(b"".join(parts))
         self.response_started = self.response_done = True
         self._drop_body()

@@ -689,3 +689,24 @@ def test_fast_path_agrees_with_the_full_normaliser(raw: str) -> None:
             assert "?" in raw
             return
     assert got == expected
+
+
+@pytest.mark.parametrize("octet", [*range(0x20), 0x7F])
+def test_encoded_control_characters_are_refused_in_either_case(octet: int) -> None:
+    for escape in (f"%{octet:02X}", f"%{octet:02x}"):
+        with pytest.raises(PathError):
+            normalise_path(f"/admin{escape}")
+
+
+def test_trace_matches_only_routes_that_list_it() -> None:
+    up = Upstream("http", "127.0.0.1", 1)
+    routes = [
+        Route("debug", "/debug", frozenset({"GET", "TRACE"}), up, False, (), 1.0),
+        Route("all", "/", None, up, False, (), 1.0),
+    ]
+    router = Router(routes)
+    assert router.match("TRACE", "/x") is None
+    route = router.match("TRACE", "/debug/x")
+    assert route is not None and route.name == "debug"
+    route = router.match("GET", "/x")
+    assert route is not None and route.name == "all"
