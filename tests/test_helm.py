@@ -384,9 +384,11 @@ def test_config_is_mounted_where_the_image_looks_for_it() -> None:
     docs = render()
     container = gateway_container(docs)
     assert container["args"] == ["run", "--config", "/etc/gateway/gateway.yaml"]
-    assert container["volumeMounts"] == [
-        {"name": "gateway-config", "mountPath": "/etc/gateway", "readOnly": True}
-    ]
+    assert container["volumeMounts"][0] == {
+        "name": "gateway-config",
+        "mountPath": "/etc/gateway",
+        "readOnly": True,
+    }
     volume = pod_spec(docs)["volumes"][0]
     assert volume == {"name": "gateway-config", "configMap": {"name": "ci-gateway"}}
     assert one(docs, "ConfigMap")["metadata"]["name"] == "ci-gateway"
@@ -788,3 +790,15 @@ def test_schema_rejects_bad_network_policy_values(setting: str, message: str) ->
     assert proc.returncode != 0
     assert "schema" in proc.stderr
     assert message in proc.stderr
+
+
+def test_body_spill_directory_is_a_bounded_writable_volume() -> None:
+    """The root filesystem is read-only: request bodies buffered on disk need /tmp."""
+    docs = render()
+    mounts = {m["mountPath"]: m["name"] for m in gateway_container(docs)["volumeMounts"]}
+    assert mounts.get("/tmp") == "gateway-tmp"
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert volumes["gateway-tmp"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    resized = render("--set", "tmpVolume.sizeLimit=256Mi")
+    volumes = {v["name"]: v for v in pod_spec(resized)["volumes"]}
+    assert volumes["gateway-tmp"]["emptyDir"] == {"sizeLimit": "256Mi"}

@@ -160,10 +160,20 @@ volumeMounts:
   - name: gateway-config
     mountPath: /etc/gateway
     readOnly: true
+  - name: gateway-tmp
+    mountPath: /tmp
 {{- end }}
 
 {{- define "gateway.volume" -}}
 name: gateway-config
 configMap:
   name: {{ include "gateway.fullname" . }}
+{{- end }}
+
+{{- /* Request bodies buffered past limits.request_buffer_memory_bytes spill here: the root
+filesystem is read-only. */ -}}
+{{- define "gateway.tmpVolume" -}}
+name: gateway-tmp
+emptyDir:
+  sizeLimit: {{ .Values.tmpVolume.sizeLimit }}
 {{- end }}
