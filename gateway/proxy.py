@@ -170,7 +170,6 @@ class Inbound:
 
     __slots__ = (
         "authorization",
-        "authorization_at",
         "connection",
         "content_length",
         "expect",
@@ -190,7 +189,6 @@ class Inbound:
         self.host_count = 0
         # Lists only for headers that are present (most requests have none of these).
         self.authorization: list[str] | None = None
-        self.authorization_at: list[int] | None = None  # where each one starts in `kept`
         self.content_length: bytes | None = None
         self.transfer_encoding: list[bytes] | None = None
         self.expect: bytes | None = None
@@ -296,13 +294,9 @@ class HeaderPolicy:
             elif kind == _DROP:
                 continue
             elif kind == _AUTHORIZATION:
-                read = inbound.authorization
-                at = inbound.authorization_at
-                if read is None or at is None:
-                    read = inbound.authorization = []
-                    at = inbound.authorization_at = []
-                read.append(value.decode("latin-1"))
-                at.append(len(kept))
+                if inbound.authorization is None:
+                    inbound.authorization = []
+                inbound.authorization.append(value.decode("latin-1"))
                 kept += (name, _SEP, value, _CRLF)
             elif kind == _HOST:
                 if inbound.host is None:
@@ -333,10 +327,6 @@ class HeaderPolicy:
                 inbound.forwarded_host = value
         if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)
-            if inbound.authorization_at is not None:  # the fields moved, or went
-                inbound.authorization_at = [
-                    i for i in range(0, len(kept), 4) if kept[i].lower() == b"authorization"
-                ]
         return inbound
 
     def request_head(
@@ -357,16 +347,13 @@ class HeaderPolicy:
         has read whole: it is sent with that Content-Length, whatever the client's framing.
         Without `forward_authorization` the client's Authorization fields are left out."""
         parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", upstream_host, _CRLF]
-        at = inbound.authorization_at
-        if forward_authorization or not at:
+        if forward_authorization or inbound.authorization is None:
             parts += inbound.kept
         else:  # the route's upstream must not be able to replay the caller's credentials
             kept = inbound.kept
-            start = 0
-            for i in at:
-                parts += kept[start:i]
-                start = i + 4
-            parts += kept[start:]
+            for i in range(0, len(kept), 4):
+                if kept[i].lower() != b"authorization":
+                    parts += kept[i : i + 4]
         # X-Forwarded-For: the chain as received plus the peer we saw, so its last entry
         # is always a fact; nothing here ever decides anything on the earlier entries.
         prior = inbound.x_forwarded_for

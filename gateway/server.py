@@ -121,6 +121,7 @@ class Listener:
         self.closing = False
         self.emptied = asyncio.Event()  # set when closing and the last connection is gone
         self.max_head_bytes = limits.max_head_bytes
+        self.max_buffered_bytes = limits.max_buffered_bytes
         # Bytes held by unfinished request heads and by bodies held for an upstream, over
         # every connection; `heads` holds the connections with an unfinished head, oldest first.
         self.buffered = 0
@@ -172,19 +173,22 @@ class Listener:
     # ------------------------------------------------------------------ memory
     def hold(self, nbytes: int) -> None:
         """More bytes are held for a request; past the bound, the oldest unfinished heads go."""
-        self.buffered += nbytes
-        if self.buffered > self.buffered_high:
-            self.buffered_high = self.buffered
-        if self.buffered > self.limits.max_buffered_bytes:
-            for conn in list(self.heads):
-                conn.shed()
-                if self.buffered <= self.limits.max_buffered_bytes:
-                    break
+        held = self.buffered = self.buffered + nbytes
+        if held > self.buffered_high:
+            self.buffered_high = held
+        if held > self.max_buffered_bytes:
+            self.shed_heads()
+
+    def shed_heads(self) -> None:
+        for conn in list(self.heads):
+            conn.shed()
+            if self.buffered <= self.max_buffered_bytes:
+                break
 
     @property
     def full(self) -> bool:
         """No room for one more head: new connections are refused."""
-        return self.buffered > self.limits.max_buffered_bytes - self.max_head_bytes
+        return self.buffered > self.max_buffered_bytes - self.max_head_bytes
 
     def drain(self) -> None:
         """Stop taking requests: idle connections close now, busy ones after their answer."""
@@ -255,7 +259,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.url = b""
         self.in_head = True
         self.head_bytes = 0  # of the unfinished head, as they arrive
-        self.head_size = 0  # of the head's completed fields, as the parser reports them
+        self.waiting = False  # in listener.heads: the head outlived a read
         self.client: str | None = None  # counted against max_connections_per_client
         self.cur: Exchange | None = None  # the exchange being answered
         self.parsing: Exchange | None = None  # the exchange whose body is being read
@@ -325,8 +329,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.head_bytes:
             listener = self.listener
             listener.buffered -= self.head_bytes
-            listener.heads.pop(self, None)
             self.head_bytes = 0
+            if self.waiting:
+                self.waiting = False
+                del listener.heads[self]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_BUFFER
@@ -339,13 +345,16 @@ class ClientConnection(asyncio.BufferedProtocol):
             return  # closing, or after an upgrade: nothing more is read as HTTP
         if self.in_head:
             # All of it counts as head until the parser says where the head ended.
+            n = len(data)
+            self.head_bytes += n
             listener = self.listener
-            if not self.head_bytes:
-                listener.heads[self] = None
-            self.head_bytes += len(data)
-            listener.hold(len(data))
-            if self.closed:
-                return  # shed
+            held = listener.buffered = listener.buffered + n
+            if held > listener.buffered_high:
+                listener.buffered_high = held
+            if held > listener.max_buffered_bytes:
+                listener.shed_heads()
+                if self.closed or self.paused & _PAUSE_DONE:
+                    return  # this one was shed
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -353,9 +362,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         except HttpParserError as exc:  # httptools wraps what a callback raised (_Refused)
             if not isinstance(exc.__context__, _Refused):
                 self._parse_failed(_MALFORMED, type(exc).__name__)
-        if self.in_head and self.head_bytes > self.listener.max_head_bytes:
-            # A head still incomplete after this many bytes.
-            self._parse_failed(_TOO_BIG, "head too large")
+        if self.in_head and self.head_bytes:
+            # A head still incomplete after this read: it now holds memory until it is done.
+            if self.head_bytes > self.listener.max_head_bytes:
+                self._parse_failed(_TOO_BIG, "head too large")
+            elif not self.waiting:
+                self.waiting = True
+                self.listener.heads[self] = None  # oldest first, for shed_heads
         if self.out:
             self.flush()
 
@@ -416,7 +429,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.headers = []
         self.url = b""
         self.in_head = True
-        self.head_size = 0
         if self.deadline_kind != _HEAD:
             self._expect(_HEAD, self.listener.limits.header_timeout)
 
@@ -425,7 +437,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         if len(self.url) > self.listener.limits.max_header_bytes:
             self._parse_failed(_TOO_BIG, "request line too long")
             raise _Refused
-        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         limits = self.listener.limits
@@ -439,24 +450,32 @@ class ClientConnection(asyncio.BufferedProtocol):
         if len(headers) > limits.max_headers:
             self._parse_failed(_TOO_BIG, "too many headers")
             raise _Refused
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.listener.max_head_bytes:
-            self._parse_failed(_TOO_BIG, "head too large")
-            raise _Refused
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self._release_head()
+        listener = self.listener
+        if self.head_bytes:
+            listener.buffered -= self.head_bytes
+            self.head_bytes = 0
+            if self.waiting:
+                self.waiting = False
+                del listener.heads[self]
         parser = self.parser
-        # The request line's method, spaces, version and line ends, and the head's last CRLF.
-        if self.head_size + len(parser.get_method()) + 13 > self.listener.max_head_bytes:
+        method = parser.get_method()
+        headers = self.headers
+        limit = listener.max_head_bytes
+        if (len(headers) + 1) * listener.limits.max_header_bytes > limit and (
+            # The request line (method, spaces, version, line end), each field line
+            # (": " and CRLF) and the final CRLF: only worth adding up when it could be over.
+            len(method) + len(self.url) + 13 + sum(len(n) + len(v) + 4 for n, v in headers) > limit
+        ):
             self._parse_failed(_TOO_BIG, "head too large")
             raise _Refused
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._parse_failed(_MALFORMED, "HTTP version " + version)
             raise _Refused
-        ex = Exchange(self, parser.get_method(), self.url, self.headers, version == "1.1")
+        ex = Exchange(self, method, self.url, headers, version == "1.1")
         if not parser.should_keep_alive() or parser.should_upgrade():
             ex.keep_alive = False
         self.parsing = ex
@@ -1006,7 +1025,12 @@ class Exchange:
             route.forward_authorization,
             self.length,
         )
-        self._connect(route)
+        self.connecting = True
+        up = route.pool.acquire()
+        if up is not None:
+            self.upstream_ready(up)
+        else:
+            route.pool.open(self, route.timeout)
 
     def _connect(self, route: CompiledRoute) -> None:
         self.connecting = True
@@ -1025,7 +1049,8 @@ class Exchange:
         self.up = conn
         self.upload_done = False
         conn.start(self, self.upstream_head_bytes, self.method == b"HEAD")
-        self._pump()
+        if self.request_done or self.body is not None or self.spool is not None:
+            self._pump()
         if self.conn.write_paused:
             conn.pause_reading()
 
@@ -1149,7 +1174,13 @@ class Exchange:
             if self.forwarding is not None and not self.connecting and self.up is None:
                 self._open_upstream()
             return
-        self._pump()
+        up = self.up
+        if up is not None:
+            if self.body is None and self.spool is None and not self.chunked:
+                self.upload_done = True  # the common case: nothing held, nothing to end
+                up.sent()
+                return
+            self._pump()
 
     def check_upstream(self, now: float) -> None:
         """The route's timeout, while the upstream owes us bytes or will not take ours."""

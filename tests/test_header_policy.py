@@ -965,7 +965,7 @@ def test_forward_authorization_changes_nothing_else_in_the_head() -> None:
     p = policy()
     headers = [(b"Host", b"gw.test"), (b"Accept", b"a"), (b"Content-Length", b"2")]
     inbound = p.scan(headers, False)
-    assert inbound.authorization_at is None
+    assert inbound.authorization is None
     heads = {
         p.request_head(
             b"POST", b"/", b"up", inbound, b"1.2.3.4", b"http", ALICE, b"r", False, forward
