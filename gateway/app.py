@@ -80,7 +80,12 @@ class Gateway:
             cfg.authlete, self._authlete_session, self.budget, self.metrics
         )
         self._verdicts = Verdicts(
-            cfg.cache, self._introspector.introspect, self.metrics, cfg.authlete.deadline
+            cfg.cache,
+            self._introspector.introspect,
+            self.metrics,
+            cfg.authlete.deadline,
+            per_client=cfg.authlete.rate_limit.per_client,
+            spare=lambda: self.budget.spare,  # the budget of the moment: reload replaces it
         )
         self._prober = asyncio.ensure_future(self._probe_while_unhealthy())
         verdicts = self._verdicts
@@ -223,7 +228,11 @@ class Gateway:
         self._introspector = Introspector(
             cfg.authlete, self._authlete_session, self.budget, self.metrics
         )
-        self._verdicts.use(self._introspector.introspect, cfg.authlete.deadline)
+        self._verdicts.use(
+            self._introspector.introspect,
+            cfg.authlete.deadline,
+            cfg.authlete.rate_limit.per_client,
+        )
 
     async def _probe_while_unhealthy(self) -> None:
         """Let the breaker close (and readiness return) without waiting for client traffic,

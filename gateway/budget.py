@@ -30,6 +30,17 @@ _THROTTLE_BASE = 1.0
 _THROTTLE_CAP = 30.0
 
 
+class Priority(enum.IntEnum):
+    """Who a call is for. KNOWN (the token's last verdict was active: a real user whose entry
+    expired) is served before NEW (a token never seen, or seen inactive), so a flood of
+    guessed tokens waits, and is shed, behind real users. SPARE (a refresh-ahead) never waits
+    and goes only while the budget has room to spare."""
+
+    KNOWN = 0
+    NEW = 1
+    SPARE = 2
+
+
 class BreakerState(enum.IntEnum):
     CLOSED = 0
     OPEN = 1
@@ -95,7 +106,9 @@ class Budget:
         self._paused_until = 0.0  # after a 429
         self._throttle_streak = 0
         self._in_flight = 0  # sent, not answered: Authlete may not have counted them yet
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Waiters by class, FIFO within each; every KNOWN one goes before any NEW one.
+        self._known: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._new: collections.deque[asyncio.Future[None]] = collections.deque()
         self._wakeup: asyncio.TimerHandle | None = None
 
         self.state = BreakerState.CLOSED
@@ -137,17 +150,43 @@ class Budget:
         if self._cap is not None:
             self._cap -= 1
 
-    async def acquire(self, deadline: float, patient: bool = False) -> None:
-        """Wait for a token, first come first served, at most `max_wait` (or, when `patient`,
-        after a 429 whose pause the request's deadline allows, until `deadline`)."""
+    @property
+    def spare(self) -> bool:
+        """Room for a call nobody waits on (a refresh-ahead): the breaker closed, no 429 pause,
+        nobody queued, and more than half the burst still in the bucket after the call."""
+        if self.state is not BreakerState.CLOSED or self._known or self._new:
+            return False
         now = self._clock()
-        if not self._waiters and self._delay_until_token(now) == 0:
+        if now < self._paused_until or self._in_flight >= self.burst / 2:
+            return False
+        return self.tokens >= self.burst / 2 + 1
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a token (those that gave up may still be counted)."""
+        return len(self._known) + len(self._new)
+
+    async def acquire(
+        self, deadline: float, patient: bool = False, priority: Priority = Priority.NEW
+    ) -> None:
+        """Wait for a token, KNOWN before NEW and first come first served within each, at
+        most `max_wait` (or, when `patient`, after a 429 whose pause the request's deadline
+        allows, until `deadline`). SPARE never waits: no room is a CallFailed at once."""
+        if priority is Priority.SPARE:
+            if not self.spare:
+                raise CallFailed("budget", "no spare Authlete call budget")
+            self._take()
+            return
+        now = self._clock()
+        known = priority is Priority.KNOWN
+        queued = bool(self._known) or (not known and bool(self._new))  # anyone ahead of us
+        if not queued and self._delay_until_token(now) == 0:
             self._take()
             return
         started = now
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(waiter)
+        (self._known if known else self._new).append(waiter)
         self._schedule()
         give_up = loop.call_at(
             loop.time()
@@ -171,22 +210,22 @@ class Budget:
             self._schedule()
 
     def _schedule(self) -> None:
-        """Hand tokens to waiters in order; arm a timer for when the next one is due."""
+        """Hand tokens to waiters, KNOWN ones first; arm a timer for when the next is due."""
         if self._wakeup is not None:
             self._wakeup.cancel()
             self._wakeup = None
-        waiters = self._waiters
-        while waiters:
-            if waiters[0].done():  # timed out or cancelled: skip without using a token
-                waiters.popleft()
-                continue
-            delay = self._delay_until_token(self._clock())
-            if delay > 0:
-                loop = asyncio.get_running_loop()
-                self._wakeup = loop.call_later(delay, self._schedule)
-                return
-            self._take()
-            waiters.popleft().set_result(None)
+        for waiters in (self._known, self._new):
+            while waiters:
+                if waiters[0].done():  # timed out or cancelled: skip without using a token
+                    waiters.popleft()
+                    continue
+                delay = self._delay_until_token(self._clock())
+                if delay > 0:
+                    loop = asyncio.get_running_loop()
+                    self._wakeup = loop.call_later(delay, self._schedule)
+                    return
+                self._take()
+                waiters.popleft().set_result(None)
 
     # ------------------------------------------------------------------ learning
     def learn(self, headers: Mapping[str, str]) -> None:
@@ -268,23 +307,28 @@ class Budget:
         return self.state is BreakerState.CLOSED
 
     # ------------------------------------------------------------------ one budgeted call
-    async def call(self, send: Send, deadline: float) -> Reply:
+    async def call(self, send: Send, deadline: float, priority: Priority = Priority.NEW) -> Reply:
         """Run `send` within the budget, retrying transient failures until `deadline`.
 
-        Returns the first answer that is neither a 429 nor a 5xx; raises CallFailed.
+        Returns the first answer that is neither a 429 nor a 5xx; raises CallFailed. A SPARE
+        call is tried once: a refresh that fails leaves the entry to expire as it would have.
         """
+        if priority is Priority.SPARE and not self.spare:
+            raise CallFailed("budget", "no spare Authlete call budget")
         attempt = 0
         patient = False
         while True:
             probe = self._gate()
             try:
-                reply, failure = await self._attempt(send, deadline, patient)
+                reply, failure = await self._attempt(send, deadline, patient, priority)
             finally:
                 if probe:
                     self._probe_in_flight = False
             if reply is not None:
                 return reply
             assert failure is not None
+            if priority is Priority.SPARE:
+                raise failure
             now = self._clock()
             if failure.outcome == "throttled":
                 if failure.retry_after is not None and now + failure.retry_after < deadline:
@@ -301,9 +345,9 @@ class Budget:
             await asyncio.sleep(delay)
 
     async def _attempt(
-        self, send: Send, deadline: float, patient: bool
+        self, send: Send, deadline: float, patient: bool, priority: Priority
     ) -> tuple[Reply | None, CallFailed | None]:
-        await self.acquire(deadline, patient)
+        await self.acquire(deadline, patient, priority)
         remaining = deadline - self._clock()
         if remaining <= 0:
             return None, CallFailed("budget", "deadline passed waiting for budget", 1.0)
@@ -322,7 +366,7 @@ class Budget:
             self._in_flight -= 1
             return self._judge(reply)
         finally:
-            if self._waiters:
+            if self._known or self._new:
                 self._schedule()
 
     def _judge(self, reply: Reply) -> tuple[Reply | None, CallFailed | None]:
@@ -336,6 +380,50 @@ class Budget:
             return None, CallFailed("error", f"Authlete answered HTTP {reply.status}")
         self._succeeded()  # any other answer means Authlete is up
         return reply, None
+
+
+class ClientQuota:
+    """How many calls one client's misses may start per second (`rate_limit.per_client`), so
+    one client guessing tokens cannot spend the budget everyone shares.
+
+    One float per client, the generic cell rate algorithm: `_due[client]` is when the client's
+    bucket would be full again. The burst is one second's worth (at least one call): a client
+    never spends more than `rate` x (seconds + 1). The map is bounded (least recently charged
+    out first); a client pushed out starts again with a full bucket, which only forgives.
+    Strings and floats are not tracked by the garbage collector, so neither is the map.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        max_clients: int = 65_536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self._interval = 1.0 / rate
+        self._tolerance = (max(1.0, rate) - 1.0) * self._interval
+        self._max = max_clients
+        self._clock = clock
+        self._due: dict[str, float] = {}
+
+    def charge(self, client: str) -> float:
+        """0.0 and one call charged to `client`; or, past its quota, the seconds until it may
+        start another (nothing charged)."""
+        now = self._clock()
+        due = self._due.pop(client, now)
+        if due < now:
+            due = now
+        over = due - now - self._tolerance
+        if over > 1e-9:  # not float dust from adding up intervals
+            self._due[client] = due  # back at the end: recently seen
+            return over
+        self._due[client] = due + self._interval
+        if len(self._due) > self._max:
+            del self._due[next(iter(self._due))]
+        return 0.0
+
+    def __len__(self) -> int:
+        return len(self._due)
 
 
 class BudgetTimeout(Exception):

@@ -2,7 +2,9 @@
 
 Active verdicts and UNAUTHORIZED verdicts live in separate, separately bounded stores,
 so a client spraying random tokens can only churn the small negative store and never
-evicts the entries of real users.
+evicts the entries of real users. The keys of active entries that expired or were evicted
+are remembered a while longer (`was_active`): a real user coming back goes ahead of
+never-seen tokens in the Authlete budget's queue.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import cachetools
 
 from gateway.verdict import Active, Inactive, Verdict
 
-_HEAD = struct.Struct("=dd")  # monotonic deadline, token expiry (epoch seconds)
+# monotonic deadline, monotonic refresh-after (== deadline: no refresh), token expiry (epoch)
+_HEAD = struct.Struct("=ddd")
 _SEP = "\x00"
 _RECENT = 4096  # cannot occur in a subject, client id or scope: they are header-safe
 
 
-def _pack(deadline: float, verdict: Active) -> bytes:
+def _pack(deadline: float, refresh_at: float, verdict: Active) -> bytes:
     text = f"{verdict.subject or ''}{_SEP}{verdict.client_id}{_SEP}{verdict.scope_header}"
-    return _HEAD.pack(deadline, verdict.expires_at) + text.encode()
+    return _HEAD.pack(deadline, refresh_at, verdict.expires_at) + text.encode()
 
 
 def _unpack(entry: bytes, expires_at: float) -> Active:
@@ -71,13 +74,21 @@ class VerdictCache:
         # The verdicts of the tokens seen lately, unpacked: busy tokens skip _unpack. Small
         # on purpose (these tuples are what the collector would have to walk).
         self._recent: dict[bytes, tuple[bytes, Active]] = {}
+        # Keys of active entries that expired or were evicted, oldest first, at most as many
+        # as there may be entries (about 100 bytes a key; bytes and None: untracked by the GC).
+        self._lapsed: dict[bytes, None] = {}
+        # Asked when an entry in its refresh window is read; True makes get() answer None so
+        # the caller comes back through Verdicts.fetch, which holds the token to refresh with.
+        self.refresh_due: Callable[[bytes], bool] | None = None
 
     def get(self, key: bytes) -> Verdict | None:
         entry = self._active.get(key)
         if entry is not None:
-            deadline, expires_at = _HEAD.unpack_from(entry)
+            deadline, refresh_at, expires_at = _HEAD.unpack_from(entry)
             now = self._clock()
             if deadline > now:
+                if now >= refresh_at and self.refresh_due is not None and self.refresh_due(key):
+                    return None
                 recent = self._recent.get(key)
                 if recent is not None and recent[0] is entry:
                     return recent[1]
@@ -88,8 +99,35 @@ class VerdictCache:
                 return verdict
             if now - deadline >= self._stale_for:
                 del self._active[key]  # past any stale window too
+                self._lapse(key)
             return None
         return self._negative.get(key)
+
+    def peek(self, key: bytes) -> Verdict | None:
+        """A live verdict, as get() but never handed over for a refresh."""
+        entry = self._active.get(key)
+        if entry is not None:
+            deadline, _, expires_at = _HEAD.unpack_from(entry)
+            return _unpack(entry, expires_at) if deadline > self._clock() else None
+        return self._negative.get(key)
+
+    def claim_refresh(self, key: bytes) -> bool:
+        """True once for a live entry inside its refresh window: it is marked as refreshing
+        (not due again), so one entry starts at most one refresh, whatever comes of it."""
+        entry = self._active.get(key)
+        if entry is None:
+            return False
+        deadline, refresh_at, expires_at = _HEAD.unpack_from(entry)
+        now = self._clock()
+        if not refresh_at <= now < deadline:
+            return False
+        self._active[key] = _HEAD.pack(deadline, deadline, expires_at) + entry[_HEAD.size :]
+        return True
+
+    def was_active(self, key: bytes) -> bool:
+        """The token's last verdict was active: its entry is still held (expired, or it would
+        not be asked) or was lately."""
+        return key in self._active or key in self._lapsed
 
     def get_stale(self, key: bytes) -> Active | None:
         """An expired active verdict still inside `stale_if_error`, never past the token's
@@ -97,22 +135,29 @@ class VerdictCache:
         entry = self._active.get(key)
         if entry is None:
             return None
-        deadline, expires_at = _HEAD.unpack_from(entry)
+        deadline, _, expires_at = _HEAD.unpack_from(entry)
         if self._clock() - deadline >= self._stale_for or expires_at <= self._wall():
             return None
         return _unpack(entry, expires_at)
 
-    def put_active(self, key: bytes, verdict: Active, ttl: float) -> None:
+    def put_active(self, key: bytes, verdict: Active, ttl: float, ahead: float = 0.0) -> None:
+        """Hold `verdict` for `ttl` seconds; with `ahead` (a fraction), a use within the last
+        `ahead` of that life is offered for a refresh (see `refresh_due`)."""
         if ttl <= 0:
             return
         self._negative.pop(key, None)
+        self._lapsed.pop(key, None)
         if key in self._active:
             del self._active[key]  # re-insert at the end: it is the newest now
         elif len(self._active) >= self._max:
             self._evict_one()
-        self._active[key] = _pack(self._clock() + ttl, verdict)
+        now = self._clock()
+        deadline = now + ttl
+        refresh_at = now + ttl * (1.0 - ahead) if ahead > 0 else deadline
+        self._active[key] = _pack(deadline, refresh_at, verdict)
 
     def put_negative(self, key: bytes, verdict: Inactive) -> None:
+        self._lapsed.pop(key, None)  # no longer a known user's token
         self._active.pop(key, None)  # also ends any stale window: never serve it again
         if self._negative_ttl <= 0:
             return
@@ -124,6 +169,8 @@ class VerdictCache:
         self._max = max_entries
         while len(self._active) > max_entries:
             self._evict_one()
+        while len(self._lapsed) > max_entries:
+            del self._lapsed[next(iter(self._lapsed))]
         self._stale_for = stale
         if (negative_max_entries, negative_ttl) != (self._negative.maxsize, self._negative_ttl):
             # Negative entries live seconds at most: starting that store afresh is cheap.
@@ -139,6 +186,12 @@ class VerdictCache:
         oldest = next(iter(self._active))
         del self._active[oldest]
         self._evictions += 1
+        self._lapse(oldest)
+
+    def _lapse(self, key: bytes) -> None:
+        self._lapsed[key] = None
+        if len(self._lapsed) > self._max:
+            del self._lapsed[next(iter(self._lapsed))]
 
     @property
     def evictions(self) -> int:
@@ -149,5 +202,6 @@ class VerdictCache:
 
     def clear(self) -> None:
         self._recent.clear()
+        self._lapsed.clear()
         self._active.clear()
         self._negative.clear()

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.budget import Budget, CallFailed, Reply, TransportError
+from gateway.budget import Budget, CallFailed, Priority, Reply, TransportError
 from gateway.config import AuthleteConfig
 from gateway.metrics import Metrics
 from gateway.verdict import Active, Inactive, Verdict
@@ -82,11 +82,16 @@ class Introspector:
         self.credentials_rejected = False
 
     async def introspect(
-        self, token: str, deadline: float, on_send: Callable[[], None] | None = None
+        self,
+        token: str,
+        deadline: float,
+        on_send: Callable[[], None] | None = None,
+        priority: Priority = Priority.NEW,
     ) -> Verdict:
         """One verdict; `deadline` (monotonic) bounds waiting, the calls and their retries.
 
-        `on_send` is told when a call leaves (the budget granted it).
+        `on_send` is told when a call leaves (the budget granted it); `priority` is the
+        call's place in the budget's queue.
         """
         body = json.dumps({"token": token}).encode()
         metrics = self._metrics
@@ -124,7 +129,7 @@ class Introspector:
             return reply
 
         try:
-            reply = await self._budget.call(send, deadline)
+            reply = await self._budget.call(send, deadline, priority)
         except CallFailed as exc:
             raise IntrospectionError(exc.outcome, exc.detail, exc.retry_after) from None
         try:

@@ -234,7 +234,8 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "gateway_connections_refused",
-            "Client connections refused (503) because limits.max_connections were open.",
+            "New client connections refused (503): limits.max_connections or "
+            "limits.max_connections_per_client open, or limits.max_buffered_bytes held.",
             registry=r,
         )
         self.connections_shed = Counter(

@@ -1,4 +1,11 @@
-"""Token -> verdict: the cache first, then one shared introspection call per token."""
+"""Token -> verdict: the cache first, then one shared introspection call per token.
+
+Three things keep a flood of guessed tokens from starving real users: a miss of a never-seen
+token is charged to its client's quota (`rate_limit.per_client`); a token whose last verdict
+was active waits in the budget's queue ahead of never-seen ones; and an active entry used in
+the last part of its life is refreshed in the background with spare budget
+(`cache.refresh_ahead`), so a steady user never meets a miss at all.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,16 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from gateway.budget import ClientQuota, Priority
 from gateway.cache import VerdictCache, token_key
 from gateway.config import CacheConfig
 from gateway.introspection import IntrospectionError
 from gateway.metrics import Metrics
 from gateway.verdict import Active, Verdict
 
-# (token, monotonic deadline, called when the request goes on the wire) -> verdict;
-# raises IntrospectionError
-Introspect = Callable[[str, float, Callable[[], None]], Awaitable[Verdict]]
+# (token, monotonic deadline, called when the request goes on the wire, budget class)
+# -> verdict; raises IntrospectionError
+Introspect = Callable[[str, float, Callable[[], None], Priority], Awaitable[Verdict]]
 
 
 class _Flight:
@@ -33,20 +41,33 @@ class _Flight:
 
 class Verdicts:
     def __init__(
-        self, cfg: CacheConfig, introspect: Introspect, metrics: Metrics, deadline: float
+        self,
+        cfg: CacheConfig,
+        introspect: Introspect,
+        metrics: Metrics,
+        deadline: float,
+        *,
+        per_client: float = 0.0,
+        spare: Callable[[], bool] | None = None,
     ) -> None:
+        """`per_client`: calls per second one client's misses may start (0: no quota);
+        `spare`: whether the budget has room for a refresh-ahead (None: no refreshes)."""
         self._cfg = cfg
         self._introspect = introspect
         self._metrics = metrics
         self._deadline = deadline
+        self._quota = ClientQuota(per_client) if per_client > 0 else None
+        self._spare = spare
         self.cache = VerdictCache(
             cfg.max_entries, cfg.negative_max_entries, cfg.negative_ttl, cfg.stale_if_error
         )
+        self.cache.refresh_due = self._refresh_due
         self._inflight: dict[bytes, _Flight] = {}
         self._hit = metrics.cache_requests.labels("hit")
         self._negative_hit = metrics.cache_requests.labels("negative_hit")
         self._miss = metrics.cache_requests.labels("miss")
         self._stale = metrics.cache_requests.labels("stale")
+        self._quota_rejected = metrics.budget_rejected.labels("client_quota")
 
     def cached(self, key: bytes) -> tuple[Verdict, str] | None:
         """A verdict the cache holds, and hit or negative_hit; None on a miss. Synchronous,
@@ -73,16 +94,34 @@ class Verdicts:
 
     async def fetch(self, token: str, key: bytes, client: str = "") -> tuple[Verdict, str]:
         """A miss: one introspection call shared by every request for the token. `client`
-        names who asks (see HeaderPolicy.client_of), for the per-client miss quota."""
+        names who asks (see HeaderPolicy.client_of), for the per-client miss quota.
+
+        Also where `cached` hands a hit over for a refresh-ahead: this holds the token.
+        """
+        live = self.cache.peek(key)
+        if live is not None:  # handed over, or filled since the caller looked
+            if isinstance(live, Active):
+                self._refresh(token, key)
+                self._hit.inc()
+                return live, "hit"
+            self._negative_hit.inc()
+            return live, "negative_hit"
         self._miss.inc()
         flight = self._inflight.get(key)
         if flight is None:
-            flight = _Flight()
-            deadline = time.monotonic() + self._deadline
-            task = asyncio.ensure_future(self._fill(key, token, deadline, flight.on_send))
-            flight.task = task
-            self._inflight[key] = flight
-            task.add_done_callback(lambda t: self._done(key, flight, t))
+            priority = Priority.KNOWN if self.cache.was_active(key) else Priority.NEW
+            if priority is Priority.NEW and self._quota is not None and client:
+                # Only never-seen tokens are charged: guessing is what the quota stops. A known
+                # user (the only kind with a stale entry to fall back on) is never refused.
+                wait = self._quota.charge(client)
+                if wait > 0:  # refused at once, without waiting or spending budget
+                    self._quota_rejected.inc()
+                    raise IntrospectionError(
+                        "client_quota",
+                        "this client's misses are over authlete.rate_limit.per_client",
+                        retry_after=max(1.0, wait),
+                    )
+            flight, task = self._start(key, token, priority)
         else:
             self._metrics.coalesced.inc()
             assert flight.task is not None
@@ -106,6 +145,50 @@ class Verdicts:
                     del self._inflight[key]  # a newcomer starts afresh, not on a dying call
                 task.cancel()
 
+    def _start(
+        self, key: bytes, token: str, priority: Priority
+    ) -> tuple[_Flight, asyncio.Task[Verdict]]:
+        flight = _Flight()
+        deadline = time.monotonic() + self._deadline
+        task = asyncio.ensure_future(self._fill(key, token, deadline, flight.on_send, priority))
+        flight.task = task
+        self._inflight[key] = flight
+        task.add_done_callback(lambda t: self._done(key, flight, t))
+        return flight, task
+
+    # ------------------------------------------------------------------ refresh-ahead
+    def _refresh_due(self, key: bytes) -> bool:
+        """The cache read an active entry in its refresh window. True hands the request over
+        to fetch() (a task, once per entry), which has the token; False serves the hit."""
+        spare = self._spare
+        return (
+            spare is not None
+            and self._cfg.refresh_ahead > 0
+            and key not in self._inflight
+            and spare()
+        )
+
+    def _refresh(self, token: str, key: bytes) -> None:
+        """Re-check a live entry in the background, on spare budget only; a miss for the
+        same token joins the call. Once per entry: a refresh that fails is not retried."""
+        if (
+            self._spare is None
+            or self._cfg.refresh_ahead <= 0
+            or key in self._inflight
+            or not self._spare()
+            or not self.cache.claim_refresh(key)
+        ):
+            return
+        _, task = self._start(key, token, Priority.SPARE)
+        task.add_done_callback(self._count_refresh)
+
+    def _count_refresh(self, task: asyncio.Task[Verdict]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            result = "failed"
+        else:
+            result = "active" if isinstance(task.result(), Active) else "inactive"
+        self._metrics.cache_refreshes.labels(result).inc()
+
     def _done(self, key: bytes, flight: _Flight, task: asyncio.Task[Verdict]) -> None:
         if self._inflight.get(key) is flight:
             del self._inflight[key]
@@ -113,12 +196,20 @@ class Verdicts:
             task.exception()  # mark retrieved even when every waiter went away
 
     async def _fill(
-        self, key: bytes, token: str, deadline: float, on_send: Callable[[], None]
+        self,
+        key: bytes,
+        token: str,
+        deadline: float,
+        on_send: Callable[[], None],
+        priority: Priority,
     ) -> Verdict:
-        verdict = await self._introspect(token, deadline, on_send)
+        verdict = await self._introspect(token, deadline, on_send, priority)
         if isinstance(verdict, Active):
-            ttl = min(self._cfg.ttl, verdict.expires_at - time.time())
-            self.cache.put_active(key, verdict, ttl)
+            cfg = self._cfg
+            lifetime = verdict.expires_at - time.time()
+            # An entry cut short by the token's own expiry is not refreshed: it ends there.
+            ahead = cfg.refresh_ahead if lifetime > cfg.ttl else 0.0
+            self.cache.put_active(key, verdict, min(cfg.ttl, lifetime), ahead)
         elif verdict.action == "UNAUTHORIZED":
             self.cache.put_negative(key, verdict)
         return verdict
@@ -130,10 +221,15 @@ class Verdicts:
             cfg.max_entries, cfg.negative_max_entries, cfg.negative_ttl, cfg.stale_if_error
         )
 
-    def use(self, introspect: Introspect, deadline: float) -> None:
-        """New Authlete settings from a reload; calls already in flight finish as they were."""
+    def use(self, introspect: Introspect, deadline: float, per_client: float) -> None:
+        """New Authlete settings from a reload; calls already in flight finish as they were.
+        The client quotas start afresh only when `per_client` changed."""
         self._introspect = introspect
         self._deadline = deadline
+        if per_client <= 0:
+            self._quota = None
+        elif self._quota is None or self._quota.rate != per_client:
+            self._quota = ClientQuota(per_client)
 
     @property
     def inflight(self) -> int:
