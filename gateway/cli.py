@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -146,6 +147,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.runner import serve
 
     _setup_logging(cfg.log.level)
+    from gateway.lint import warnings
+
+    for line in warnings(cfg):
+        # Once per start, in the supervisor only: the same lines check-config prints.
+        logging.getLogger("gateway").warning("config: %s", line)
     path = str(args.config)
     if args.workers == 1:
         return run_loop(

@@ -651,6 +651,11 @@ async def test_run_idle_sigterm_exits_0(
         code = await _wait_exit(served.proc, 20)
         assert code == 0, served.stderr()
         assert "Traceback" not in served.stderr()
+        # The only route is a public catch-all: `run` says so once, as check-config does.
+        warned = [
+            line for line in served.stderr().splitlines() if "WARNING gateway: config:" in line
+        ]
+        assert len(warned) == 1 and "catch-all" in warned[0], served.stderr()
 
 
 async def test_run_grace_period_is_bounded(tmp_path: Path, slow_upstream: SlowUpstream) -> None:
