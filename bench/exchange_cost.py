@@ -134,7 +134,9 @@ async def measure(count: int, log: AccessLog | None, profile: bool) -> None:
     spent = time.process_time() - started
     print(f"{spent / count * 1e6:.2f} µs of CPU per exchange ({count:,} exchanges)")
     if profiler is not None:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(int(os.environ.get("PROFILE_ROWS", "25")))
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(
+            int(os.environ.get("PROFILE_ROWS", "25"))
+        )
 
 
 def main() -> None:

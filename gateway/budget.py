@@ -33,12 +33,15 @@ _THROTTLE_CAP = 30.0
 class Priority(enum.IntEnum):
     """Who a call is for. KNOWN (the token's last verdict was active: a real user whose entry
     expired) is served before NEW (a token never seen, or seen inactive), so a flood of
-    guessed tokens waits, and is shed, behind real users. SPARE (a refresh-ahead) never waits
-    and goes only while the budget has room to spare."""
+    guessed tokens waits, and is shed, behind real users. A KNOWN call waits until its
+    deadline, a NEW one at most `max_wait`; KNOWN_STALE (known, and a stale entry can answer
+    if no budget comes) is served like KNOWN but given up after `max_wait`, like NEW. SPARE (a
+    refresh-ahead) never waits and goes only while the budget has room to spare."""
 
     KNOWN = 0
     NEW = 1
     SPARE = 2
+    KNOWN_STALE = 3
 
 
 class BreakerState(enum.IntEnum):
@@ -171,14 +174,17 @@ class Budget:
     ) -> None:
         """Wait for a token, KNOWN before NEW and first come first served within each, at
         most `max_wait` (or, when `patient`, after a 429 whose pause the request's deadline
-        allows, until `deadline`). SPARE never waits: no room is a CallFailed at once."""
+        allows, until `deadline`; a KNOWN call always waits until `deadline`). SPARE never
+        waits: no room is a CallFailed at once."""
         if priority is Priority.SPARE:
             if not self.spare:
                 raise CallFailed("budget", "no spare Authlete call budget")
             self._take()
             return
         now = self._clock()
-        known = priority is Priority.KNOWN
+        known = priority is Priority.KNOWN or priority is Priority.KNOWN_STALE
+        if priority is Priority.KNOWN:
+            patient = True  # a real user is worth the wait; only NEW ones are shed by max_wait
         queued = bool(self._known) or (not known and bool(self._new))  # anyone ahead of us
         if not queued and self._delay_until_token(now) == 0:
             self._take()

@@ -214,6 +214,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         """Send a request head; the body (if any) follows through `write`."""
         self.receiver = receiver
         self.reusable = False
+        self.last_read = time.monotonic()  # the route timeout counts from the request
         self.exchanges += 1
         self.got_bytes = False
         self.request_sent = False

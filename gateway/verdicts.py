@@ -109,7 +109,12 @@ class Verdicts:
         self._miss.inc()
         flight = self._inflight.get(key)
         if flight is None:
-            priority = Priority.KNOWN if self.cache.was_active(key) else Priority.NEW
+            priority = Priority.NEW
+            if self.cache.was_active(key):
+                # A stale entry answers when no budget comes within max_wait: no need to wait
+                # longer for it. Without one, a real user waits up to the deadline.
+                fallback = self.cache.get_stale(key) is not None
+                priority = Priority.KNOWN_STALE if fallback else Priority.KNOWN
             if priority is Priority.NEW and self._quota is not None and client:
                 # Only never-seen tokens are charged: guessing is what the quota stops. A known
                 # user (the only kind with a stale entry to fall back on) is never refused.
