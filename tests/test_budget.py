@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,19 +24,19 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.budget import BreakerState, Budget, CallFailed, Reply, TransportError
-from gateway.config import AuthleteConfig
 from gateway.emulator import Emulator, Override
-from gateway.metrics import Metrics
-from tests.conftest import Running, StartGateway, bearer, make_config
+from tests.conftest import (
+    Clock,
+    Running,
+    StartGateway,
+    bearer,
+    budget,
+    metric,
+    routes,
+    wait_until,
+)
 
 # ---------------------------------------------------------------- helpers
-
-
-def routes(upstream: str) -> list[dict[str, Any]]:
-    return [
-        {"name": "api", "path_prefix": "/api", "upstream": upstream},
-        {"name": "public", "path_prefix": "/public", "upstream": upstream, "auth": "none"},
-    ]
 
 
 @dataclass
@@ -71,11 +70,6 @@ def assert_unavailable(answer: Answer) -> None:
     assert isinstance(doc, dict) and isinstance(doc.get("error"), str)
 
 
-def metric(gw: Running, name: str, **labels: str) -> float:
-    value = gw.gateway.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
 async def scrape(client: aiohttp.ClientSession, gw: Running) -> dict[str, float]:
     async with client.get(f"{gw.admin_url}/metrics") as resp:
         assert resp.status == 200
@@ -92,14 +86,6 @@ async def readyz(client: aiohttp.ClientSession, gw: Running) -> tuple[int, dict[
     async with client.get(f"{gw.admin_url}/readyz") as resp:
         doc: dict[str, Any] = await resp.json()
         return resp.status, doc
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def wait_ready(client: aiohttp.ClientSession, gw: Running, timeout: float) -> None:
@@ -806,39 +792,6 @@ async def test_cache_hits_never_wait_for_the_budget(
 
 
 # ---------------------------------------------------------------- unit: Budget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.epoch = 1_700_000_000.0
-
-    def mono(self) -> float:
-        return self.now
-
-    def wall(self) -> float:
-        return self.epoch
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.epoch += seconds
-
-
-def authlete_cfg(**authlete: Any) -> AuthleteConfig:
-    route = {"name": "r", "path_prefix": "/", "upstream": "http://127.0.0.1:9"}
-    return make_config("http://127.0.0.1:9", [route], authlete=authlete).authlete
-
-
-def budget(clock: Clock | None = None, jitter: float = 0.5, **authlete: Any) -> Budget:
-    if clock is None:
-        return Budget(authlete_cfg(**authlete), Metrics(), jitter=lambda: jitter)
-    return Budget(
-        authlete_cfg(**authlete),
-        Metrics(),
-        clock=clock.mono,
-        wall=clock.wall,
-        jitter=lambda: jitter,
-    )
 
 
 def sample(b: Budget, name: str, **labels: str) -> float:

@@ -27,52 +27,50 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
 
 from gateway.emulator import Emulator
-from tests.conftest import RssWatch, Running, StartGateway
+from tests.conftest import (
+    WAIT,
+    Answer,
+    Client,
+    KiB,
+    MakeUpstream,
+    MiB,
+    RawUpstream,
+    Response,
+    RssWatch,
+    Running,
+    StartGateway,
+    UpConn,
+    UpRequest,
+    chunked,
+    dechunk,
+    echo_answer,
+    eventually,
+    framing_of,
+    head,
+    http,
+    parse_first,
+    parse_response_head,
+    response,
+    sha,
+)
 
-HOST = "gateway.test"
 TOKEN = "tok-conformance"
 AUTH = f"Authorization: Bearer {TOKEN}"
-KiB = 1 << 10
-MiB = 1 << 20
-WAIT = 5.0  # any one step that should take milliseconds
 CLOSE_WITHIN = 2.0  # "at once": a close that must not wait for some timeout to fire
 BIG = (1 << 30) if os.environ.get("GATEWAY_CONFORMANCE_BIG") == "1" else 256 * MiB
 MAX_GROWTH = 48 * MiB  # client, gateway and upstream all share this process
 BLOCK = os.urandom(MiB)
-KEEP = 64 * KiB  # bytes of each connection and body kept for assertions on exact bytes
 
 
 # =========================================================================== client side
-
-
-def head(method: str, target: str, *lines: str | bytes, version: str = "HTTP/1.1") -> bytes:
-    """A request head, exactly as given (plus Host), ending with the empty line."""
-    parts = [f"{method} {target} {version}".encode("latin-1"), f"Host: {HOST}".encode()]
-    parts += [line if isinstance(line, bytes) else line.encode("latin-1") for line in lines]
-    return b"\r\n".join(parts) + b"\r\n\r\n"
-
-
-def chunked(body: bytes, size: int) -> bytes:
-    out = b"".join(
-        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
-        for i in range(0, len(body), size)
-    )
-    return out + b"0\r\n\r\n"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @functools.cache
@@ -81,235 +79,6 @@ def digest_of_blocks(count: int) -> str:
     for _ in range(count):
         h.update(BLOCK)
     return h.hexdigest()
-
-
-@dataclass
-class Response:
-    """One response as the client received it; `headers` are the raw bytes of each line."""
-
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-    framing: str = "none"  # none | length | chunked | close
-    length: int = 0
-    sha256: str = ""
-
-    def values(self, name: str) -> list[bytes]:
-        key = name.lower().encode()
-        return [v for k, v in self.headers if k.lower() == key]
-
-    def header(self, name: str) -> str | None:
-        found = self.values(name)
-        return found[0].decode("latin-1") if found else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def is_chunked(self) -> bool:
-        return any(b"chunked" in v.lower() for v in self.values("Transfer-Encoding"))
-
-
-def parse_response_head(raw: bytes) -> Response:
-    lines = raw.removesuffix(b"\r\n\r\n").split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
-    code, _, reason = rest.partition(b" ")
-    assert version.startswith(b"HTTP/") and code.isdigit(), f"not a status line: {raw[:200]!r}"
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        assert sep, f"not a header line: {line!r} in {raw[:500]!r}"
-        headers.append((name, value.strip(b" \t")))
-    return Response(version, int(code), reason, headers)
-
-
-def framing_of(resp: Response, method: str) -> str:
-    if method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
-        return "none"
-    if resp.is_chunked:
-        return "chunked"
-    if resp.values("Content-Length"):
-        return "length"
-    return "close"
-
-
-def dechunk(data: bytes) -> tuple[bytes, bytes] | None:
-    """(body, rest) of a complete chunked body at the start of `data`; None if incomplete."""
-    body = bytearray()
-    pos = 0
-    while True:
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(data[pos:eol].split(b";")[0].strip(), 16)
-        pos = eol + 2
-        if size == 0:
-            while True:  # trailer section, up to the empty line
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    return None
-                line, pos = data[pos:eol], eol + 2
-                if not line:
-                    return bytes(body), data[pos:]
-        if len(data) < pos + size + 2:
-            return None
-        body += data[pos : pos + size]
-        assert data[pos + size : pos + size + 2] == b"\r\n", f"bad chunk framing: {data[:300]!r}"
-        pos += size + 2
-
-
-def parse_first(data: bytes, method: str = "GET") -> tuple[Response, bytes]:
-    """Split the first complete final response off `data` (1xx answers are skipped)."""
-    while True:
-        end = data.find(b"\r\n\r\n")
-        assert end >= 0, f"no complete response head in {data[:300]!r}"
-        resp = parse_response_head(data[: end + 4])
-        data = data[end + 4 :]
-        if not (100 <= resp.status < 200):
-            break
-    resp.framing = framing_of(resp, method)
-    if resp.framing == "none":
-        return resp, data
-    if resp.framing == "length":
-        size = int(resp.values("Content-Length")[0])
-        assert len(data) >= size, f"truncated body: {data[:300]!r}"
-        resp.body, rest = data[:size], data[size:]
-    elif resp.framing == "chunked":
-        found = dechunk(data)
-        assert found is not None, f"incomplete chunked body: {data[:300]!r}"
-        resp.body, rest = found
-    else:
-        resp.body, rest = data, b""
-    resp.length, resp.sha256 = len(resp.body), sha(resp.body)
-    return resp, rest
-
-
-class Client:
-    """A raw client connection: exact bytes out, responses parsed by hand."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int, rcvbuf: int = 0, sndbuf: int = 0) -> Client:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), WAIT
-            )
-        except BaseException:
-            sock.close()
-            raise
-        reader, writer = await asyncio.open_connection(sock=sock)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes, timeout: float = WAIT) -> bool:
-        """Write and drain; False when the gateway has closed the connection."""
-        try:
-            self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), timeout)
-        except ConnectionError:
-            return False
-        return True
-
-    async def head(self, timeout: float = WAIT) -> Response:
-        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
-        return parse_response_head(raw)
-
-    async def response(
-        self,
-        method: str = "GET",
-        timeout: float = WAIT,
-        interim: list[Response] | None = None,
-        keep: bool = True,
-    ) -> Response:
-        """The next final response, whole; 1xx answers before it go to `interim`. With
-        keep=False the body is only counted and hashed (for transfers too large to hold)."""
-        while True:
-            resp = await self.head(timeout)
-            if 100 <= resp.status < 200 and resp.status != 101:
-                if interim is not None:
-                    interim.append(resp)
-                continue
-            break
-        resp.framing = framing_of(resp, method)
-        digest = hashlib.sha256()
-        kept = bytearray()
-
-        def take(data: bytes) -> None:
-            resp.length += len(data)
-            digest.update(data)
-            if keep:
-                kept.extend(data)
-
-        read = self.reader
-        if resp.framing == "chunked":
-            while True:
-                line = await asyncio.wait_for(read.readuntil(b"\r\n"), timeout)
-                size = int(line.split(b";")[0].strip(), 16)
-                if size == 0:
-                    while await asyncio.wait_for(read.readuntil(b"\r\n"), timeout) != b"\r\n":
-                        pass
-                    break
-                while size:
-                    data = await asyncio.wait_for(read.readexactly(min(size, MiB)), timeout)
-                    take(data)
-                    size -= len(data)
-                crlf = await asyncio.wait_for(read.readexactly(2), timeout)
-                assert crlf == b"\r\n", f"bad chunk framing from the gateway: {crlf!r}"
-        elif resp.framing == "length":
-            left = int(resp.values("Content-Length")[0])
-            while left:
-                data = await asyncio.wait_for(read.read(min(left, MiB)), timeout)
-                assert data, f"connection closed {left} bytes before the end of the body"
-                take(data)
-                left -= len(data)
-        elif resp.framing == "close":
-            while True:
-                data = await asyncio.wait_for(read.read(MiB), timeout)
-                if not data:
-                    break
-                take(data)
-        resp.body = bytes(kept)
-        resp.sha256 = digest.hexdigest()
-        return resp
-
-    async def read_until_closed(self, timeout: float) -> tuple[bytes, bool]:
-        """Everything the gateway sends until it closes: (data, closed); closed is False when
-        the connection was still open after `timeout` seconds."""
-        data = bytearray()
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return bytes(data), False
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), left)
-            except TimeoutError:
-                return bytes(data), False
-            except ConnectionError:
-                return bytes(data), True
-            if not chunk:
-                return bytes(data), True
-            data += chunk
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def abort(self) -> None:
-        """Close with a TCP RST instead of a FIN."""
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
 
 
 async def converse(port: int, data: bytes, timeout: float = WAIT) -> tuple[bytes, bool]:
@@ -352,305 +121,9 @@ def expected(method: str, target: str, body: bytes = b"") -> dict[str, Any]:
     return {"method": method, "target": target, "length": len(body), "sha256": sha(body)}
 
 
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout:g}s for {what}")
-        await asyncio.sleep(0.005)
-
-
 async def settle() -> None:
     """Give anything the gateway might (wrongly) forward the time to reach the upstream."""
     await asyncio.sleep(0.1)
-
-
-# =========================================================================== upstream side
-
-
-@dataclass
-class UpRequest:
-    """One request head as the upstream received it, and what it read of the body."""
-
-    method: str
-    target: str
-    version: str
-    headers: list[tuple[bytes, bytes]]
-    raw_head: bytes
-    body: bytearray = field(default_factory=bytearray)  # the first KEEP bytes
-    body_length: int = 0
-    body_sha256: str = ""
-    complete: bool = False
-
-    def values(self, name: str) -> list[bytes]:
-        key = name.lower().encode()
-        return [v for k, v in self.headers if k.lower() == key]
-
-
-class UpConn:
-    """One connection from the gateway to the raw upstream. `closed` is set the moment a read
-    sees the gateway's FIN (or a reset), `closed_at` is when."""
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        arrivals: list[UpRequest],
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.nbytes = 0
-        self.prefix = bytearray()
-        self.closed = asyncio.Event()
-        self.closed_at = 0.0
-        self.requests: list[UpRequest] = []
-        self._arrivals = arrivals
-
-    def _took(self, data: bytes) -> bytes:
-        self.nbytes += len(data)
-        room = KEEP - len(self.prefix)
-        if room > 0:
-            self.prefix += data[:room]
-        return data
-
-    def saw_close(self) -> None:
-        if not self.closed.is_set():
-            self.closed_at = time.monotonic()
-            self.closed.set()
-
-    async def read(self, n: int = 65536) -> bytes:
-        try:
-            data = await self.reader.read(n)
-        except ConnectionError:
-            data = b""
-        if not data:
-            self.saw_close()
-        return self._took(data)
-
-    async def readuntil(self, separator: bytes) -> bytes:
-        try:
-            return self._took(await self.reader.readuntil(separator))
-        except asyncio.IncompleteReadError as exc:
-            self._took(exc.partial)
-            self.saw_close()
-            raise
-        except ConnectionError:
-            self.saw_close()
-            raise
-
-    async def readexactly(self, n: int) -> bytes:
-        try:
-            return self._took(await self.reader.readexactly(n))
-        except asyncio.IncompleteReadError as exc:
-            self._took(exc.partial)
-            self.saw_close()
-            raise
-        except ConnectionError:
-            self.saw_close()
-            raise
-
-    async def send(self, data: bytes) -> None:
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except ConnectionError:
-            self.saw_close()
-            raise
-
-    async def drain_until_closed(self) -> None:
-        while await self.read():
-            pass
-
-    async def read_request(self) -> UpRequest | None:
-        """The next request head; None when the gateway closes (or resets) first."""
-        try:
-            raw = await self.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        lines = raw[:-4].split(b"\r\n")
-        method, target, version = lines[0].decode("latin-1").split(" ", 2)
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name, value.strip(b" \t")))
-        req = UpRequest(method, target, version, headers, raw)
-        self.requests.append(req)
-        self._arrivals.append(req)
-        return req
-
-    async def read_body(
-        self, req: UpRequest, pace: Callable[[], Awaitable[None]] | None = None
-    ) -> bool:
-        """Read the request's body as framed; True when it arrived whole. `pace` is awaited
-        after every read (a slow upstream)."""
-        digest = hashlib.sha256()
-
-        def took(data: bytes) -> None:
-            req.body_length += len(data)
-            digest.update(data)
-            room = KEEP - len(req.body)
-            if room > 0:
-                req.body += data[:room]
-
-        try:
-            if any(b"chunked" in v.lower() for v in req.values("Transfer-Encoding")):
-                while True:
-                    size = int((await self.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while await self.readuntil(b"\r\n") != b"\r\n":
-                            pass
-                        break
-                    while size:
-                        data = await self.readexactly(min(size, 65536))
-                        took(data)
-                        size -= len(data)
-                        if pace is not None:
-                            await pace()
-                    if await self.readexactly(2) != b"\r\n":
-                        return False
-            else:
-                lengths = req.values("Content-Length")
-                left = int(lengths[0]) if lengths else 0
-                while left:
-                    data = await self.read(min(left, 65536))
-                    if not data:
-                        return False
-                    took(data)
-                    left -= len(data)
-                    if pace is not None:
-                        await pace()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            return False
-        req.complete = True
-        req.body_sha256 = digest.hexdigest()
-        return True
-
-
-Handler = Callable[[UpConn], Awaitable[None]]
-Answer = Callable[[UpConn, UpRequest], Awaitable[bytes | None]]
-
-
-class RawUpstream:
-    """A raw TCP upstream: `handler` runs once per accepted connection."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.conns: list[UpConn] = []
-        self.requests: list[UpRequest] = []  # every request head, in order of arrival
-        self.errors: list[BaseException] = []
-        self.url = ""
-        self._rcvbuf = 0
-        self._sndbuf = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def start(self, rcvbuf: int = 0, sndbuf: int = 0) -> None:
-        self._rcvbuf, self._sndbuf = rcvbuf, sndbuf
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port: int = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        sock = writer.get_extra_info("socket")
-        if sock is not None and self._rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
-        if sock is not None and self._sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
-        conn = UpConn(reader, writer, self.requests)
-        self.conns.append(conn)
-        try:
-            await self.handler(conn)
-        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        except Exception as exc:  # a broken test upstream: reported at teardown
-            self.errors.append(exc)
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=WAIT)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.conns)
-
-    def targets(self) -> list[str]:
-        return [r.target for r in self.requests]
-
-
-MakeUpstream = Callable[..., Awaitable[RawUpstream]]
-
-
-def response(
-    status: int,
-    body: bytes,
-    *lines: str | bytes,
-    reason: bytes = b"OK",
-    version: bytes = b"HTTP/1.1",
-) -> bytes:
-    parts = [b"%s %d %s" % (version, status, reason)]
-    parts += [line if isinstance(line, bytes) else line.encode("latin-1") for line in lines]
-    parts.append(b"Content-Length: %d" % len(body))
-    return b"\r\n".join(parts) + b"\r\n\r\n" + body
-
-
-async def echo_answer(conn: UpConn, req: UpRequest) -> bytes | None:
-    """Read the body, answer with a JSON description of the request (None: body cut)."""
-    if not await conn.read_body(req):
-        return None
-    doc = {
-        "method": req.method,
-        "target": req.target,
-        "length": req.body_length,
-        "sha256": req.body_sha256,
-    }
-    return response(200, json.dumps(doc).encode(), "Content-Type: application/json")
-
-
-def http(answer: Answer = echo_answer) -> Handler:
-    """A keep-alive HTTP/1.1 upstream: each request gets `answer`'s bytes; None closes."""
-
-    async def handle(conn: UpConn) -> None:
-        while True:
-            req = await conn.read_request()
-            if req is None:
-                return
-            out = await answer(conn, req)
-            if out is None:
-                return
-            await conn.send(out)
-
-    return handle
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[MakeUpstream]:
-    """Factory: `await raw_upstream(handler, rcvbuf=0, sndbuf=0)` -> a started RawUpstream."""
-    started: list[RawUpstream] = []
-
-    async def make(handler: Handler, rcvbuf: int = 0, sndbuf: int = 0) -> RawUpstream:
-        up = RawUpstream(handler)
-        await up.start(rcvbuf, sndbuf)
-        started.append(up)
-        return up
-
-    try:
-        yield make
-    finally:
-        for up in started:
-            await up.stop()
-    errors = [exc for up in started for exc in up.errors]
-    if errors:
-        raise errors[0]
 
 
 Launch = Callable[..., Awaitable[Running]]

@@ -11,12 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,10 +31,16 @@ from gateway.emulator import Emulator, Override
 from gateway.introspection import DEFAULT_CHALLENGES
 from gateway.routing import PathError, Router, parse_target
 from gateway.verdict import Active, Inactive
-from tests.conftest import SERVICE_ID, SERVICE_TOKEN, StartGateway, start_app
-
-HOST = "gateway.test"
-
+from tests.conftest import (
+    HOST,
+    SERVICE_ID,
+    SERVICE_TOKEN,
+    StartGateway,
+    free_port,
+    gateway_run,
+    read_until_closed,
+    start_app,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -149,27 +149,6 @@ def parse_one(data: bytes) -> tuple[Reply, bytes]:
     return Reply(status, headers, rest), b""
 
 
-async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, bool]:
-    """Everything the peer sends until it closes; (data, closed) where closed is False when the
-    connection was still open after `timeout` seconds."""
-    data = bytearray()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        left = deadline - loop.time()
-        if left <= 0:
-            return bytes(data), False
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), left)
-        except TimeoutError:
-            return bytes(data), False
-        except ConnectionError:
-            return bytes(data), True
-        if not chunk:
-            return bytes(data), True
-        data += chunk
-
-
 async def converse(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
     """Send exact bytes, then read until the gateway closes (or `timeout`)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -209,15 +188,6 @@ def assert_json_error(reply: Reply, status: int) -> dict[str, Any]:
 async def settle() -> None:
     """Give anything the gateway might (wrongly) forward the time to reach the upstream."""
     await asyncio.sleep(0.05)
-
-
-async def metric(session: aiohttp.ClientSession, admin: str, name: str) -> float:
-    async with session.get(f"{admin}/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 # =========================================================================== limits
@@ -869,68 +839,6 @@ async def test_forwarding_claims_from_a_trusted_proxy_are_kept(
 # =========================================================================== gateway run
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Process:
-    proc: subprocess.Popen[bytes]
-    port: int
-    admin: str
-    out_path: Path
-    err_path: Path
-
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-
-@contextlib.asynccontextmanager
-async def gateway_run(tmp_path: Path, cfg: dict[str, Any]) -> AsyncIterator[Process]:
-    """`gateway run` as production runs it (its default event loop: uvloop when installed),
-    ready to serve; SIGTERM and wait on the way out."""
-    port, admin = _free_port(), _free_port()
-    while admin == port:
-        admin = _free_port()
-    cfg = {**cfg, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}"}
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-            stdout=out,
-            stderr=err,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    running = Process(proc, port, f"http://127.0.0.1:{admin}", out_path, err_path)
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                if proc.poll() is not None:
-                    pytest.fail(f"gateway exited: {running.stderr()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{running.admin}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail(f"gateway never became ready: {running.stderr()}")
-        yield running
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), 20)
-        except TimeoutError:
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
-
-
 def _authlete(base_url: str, **extra: Any) -> dict[str, Any]:
     return {
         "base_url": base_url,
@@ -1042,7 +950,7 @@ async def test_token_never_appears_in_output_metrics_or_answers(
             {
                 "name": "down",
                 "path_prefix": "/down",
-                "upstream": f"http://127.0.0.1:{_free_port()}",
+                "upstream": f"http://127.0.0.1:{free_port()}",
             },
             {"name": "pub", "path_prefix": "/pub", "upstream": counting.url, "auth": "none"},
         ],
@@ -1105,7 +1013,7 @@ async def test_token_never_appears_in_output_metrics_or_answers(
         await send("revoked", get("/api/a", auth))
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"{gw.admin}/metrics") as resp,
+            session.get(f"{gw.admin_url}/metrics") as resp,
         ):
             metrics = await resp.text()
     stdout, stderr = gw.stdout(), gw.stderr()

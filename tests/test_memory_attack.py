@@ -22,10 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -40,9 +36,19 @@ from prometheus_client import generate_latest
 
 from gateway.emulator import Emulator
 from gateway.metrics import Metrics
-from tests.conftest import ROOT, SERVICE_ID, SERVICE_TOKEN, StartGateway, free_port
+from tests.conftest import (
+    HOST,
+    ROOT,
+    SERVICE_ID,
+    SERVICE_TOKEN,
+    GatewayRun,
+    RawResponse,
+    StartGateway,
+    free_port,
+    gateway_run,
+    read_until_closed,
+)
 
-HOST = "gateway.test"
 NOWHERE = "http://127.0.0.1:9"  # an upstream nothing listens on: these tests never reach one
 KIB = 1024
 MIB = 1024 * 1024
@@ -87,17 +93,7 @@ def head(
     return data
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-
-def parse_answer(data: bytes) -> Answer | None:
+def parse_answer(data: bytes) -> RawResponse | None:
     """The first response in `data` (Content-Length framed), or None if there is none."""
     raw_head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep or not raw_head.startswith(b"HTTP/1."):
@@ -107,7 +103,7 @@ def parse_answer(data: bytes) -> Answer | None:
     for text in lines[1:]:
         name, _, value = text.partition(":")
         headers.append((name.strip(), value.strip()))
-    answer = Answer(int(lines[0].split(" ")[1]), headers, b"")
+    answer = RawResponse(int(lines[0].split(" ")[1]), headers, b"")
     length = answer.header("Content-Length")
     answer.body = rest[: int(length)] if length is not None else rest
     return answer
@@ -154,28 +150,7 @@ async def connect(port: int, data: bytes = b"", source: str = "127.0.0.1") -> Cl
     return client
 
 
-async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, bool]:
-    """What the gateway sends until it closes: (data, closed); closed is False when the
-    connection was still open after `timeout` seconds."""
-    data = bytearray()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        left = deadline - loop.time()
-        if left <= 0:
-            return bytes(data), False
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), left)
-        except TimeoutError:
-            return bytes(data), False
-        except ConnectionError:
-            return bytes(data), True
-        if not chunk:
-            return bytes(data), True
-        data += chunk
-
-
-async def read_answer(reader: asyncio.StreamReader, timeout: float) -> Answer | None:
+async def read_answer(reader: asyncio.StreamReader, timeout: float) -> RawResponse | None:
     """One keep-alive answer (Content-Length framed), or None if none came in time."""
     try:
         raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
@@ -549,30 +524,16 @@ class RssSampler:
             self.peak = max(self.peak, proc_status_bytes(self.pid, "VmHWM"))
 
 
-@dataclass
-class GatewayProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    admin_url: str
-    stderr_path: Path
-
-    def rss(self) -> int:
-        return proc_status_bytes(self.proc.pid, "VmRSS")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-3000:]
+def rss_of(gw: GatewayRun) -> int:
+    return proc_status_bytes(gw.proc.pid, "VmRSS")
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(tmp_path: Path, limits: dict[str, Any]) -> AsyncIterator[GatewayProcess]:
+async def gateway_process(tmp_path: Path, limits: dict[str, Any]) -> AsyncIterator[GatewayRun]:
     """`python -m gateway run` with the production defaults but `limits`; Authlete points at
-    a closed loopback port (no token is ever checked), the one route at an absent upstream."""
-    port, admin = free_port(), free_port()
-    while admin == port:
-        admin = free_port()
+    a closed loopback port (no token is ever checked), the one route at an absent upstream.
+    Waited for on /healthz: these tests need a live process, not Authlete's readiness."""
     cfg = {
-        "listen": f"127.0.0.1:{port}",
-        "admin_listen": f"127.0.0.1:{admin}",
         "authlete": {
             "base_url": f"http://127.0.0.1:{free_port()}",
             "allow_insecure_http": True,
@@ -583,38 +544,8 @@ async def gateway_process(tmp_path: Path, limits: dict[str, Any]) -> AsyncIterat
         "log": {"level": "warning", "access": False},
         "routes": routes(),
     }
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    stderr_path = tmp_path / "stderr"
-    with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    running = GatewayProcess(proc, port, f"http://127.0.0.1:{admin}", stderr_path)
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                if proc.poll() is not None:
-                    pytest.fail(f"gateway exited: {running.stderr()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{running.admin_url}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail(f"gateway never became healthy: {running.stderr()}")
-        yield running
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
-        except TimeoutError:
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
+    async with gateway_run(tmp_path, cfg, wait_on="/healthz") as gw:
+        yield gw
 
 
 async def _open_attack(port: int, payload: bytes, count: int, batch: int = 100) -> list[Client]:
@@ -649,7 +580,7 @@ async def _attack_and_read(
     return await asyncio.gather(*(one() for _ in range(count)))
 
 
-async def _warm_up(gw: GatewayProcess, attack_payload: bytes) -> int:
+async def _warm_up(gw: GatewayRun, attack_payload: bytes) -> int:
     """A few normal requests (401, 404) and one attack-shaped connection, then the RSS."""
     for _ in range(5):
         assert await ask(gw.port, "/api/x") == 401
@@ -658,14 +589,14 @@ async def _warm_up(gw: GatewayProcess, attack_payload: bytes) -> int:
     await asyncio.sleep(0.2)
     one.close()
     await asyncio.sleep(0.5)
-    return gw.rss()
+    return rss_of(gw)
 
 
-async def _settle(gw: GatewayProcess, target: int, timeout: float = 5.0) -> int:
+async def _settle(gw: GatewayRun, target: int, timeout: float = 5.0) -> int:
     """Poll the RSS until it is at most `target` or `timeout` passes; the last reading."""
     deadline = time.monotonic() + timeout
     while True:
-        rss = gw.rss()
+        rss = rss_of(gw)
         if rss <= target or time.monotonic() > deadline:
             return rss
         await asyncio.sleep(0.2)
@@ -719,7 +650,8 @@ async def test_unfinished_heads_memory_is_bounded_and_returned(tmp_path: Path) -
         assert all(s == 503 for s in answers), f"heads under the limits got {report}"
         assert held_peak < limit * 3 // 4, f"peak RSS too close to the chart limit: {report}"
         assert final <= baseline + SLACK, f"memory not returned after the attack: {report}"
-        assert "Traceback" not in gw.stderr(), gw.stderr()
+        stderr = gw.stderr()[-3000:]
+        assert "Traceback" not in stderr, stderr
 
 
 async def test_heads_over_max_head_bytes_memory_is_bounded(tmp_path: Path) -> None:
@@ -755,7 +687,8 @@ async def test_heads_over_max_head_bytes_memory_is_bounded(tmp_path: Path) -> No
         assert statuses.count(431) >= ATTACKERS // 2, report
         assert peak < limit * 3 // 4, f"peak RSS too close to the chart limit: {report}"
         assert final <= baseline + SLACK, f"memory not returned after the attack: {report}"
-        assert "Traceback" not in gw.stderr(), gw.stderr()
+        stderr = gw.stderr()[-3000:]
+        assert "Traceback" not in stderr, stderr
 
 
 def test_shed_and_refused_counters_are_exported() -> None:

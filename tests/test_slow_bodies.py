@@ -20,33 +20,33 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Running, StartGateway
-from tests.test_conformance import (
+from tests.conftest import (
     WAIT,
     Client,
+    Handler,
     KiB,
+    MakeUpstream,
     MiB,
-    RawUpstream,
     Response,
+    Running,
+    StartGateway,
     UpConn,
     UpRequest,
     chunked,
     echo_answer,
+    eventually,
     head,
     http,
     parse_first,
     response,
     sha,
 )
-
-Handler = Callable[[UpConn], Awaitable[None]]
-MakeUpstream = Callable[..., Awaitable[RawUpstream]]
 
 PROC_FD = Path("/proc/self/fd")
 SPILL_WARNING = "cannot buffer a request body on disk"
@@ -60,42 +60,14 @@ def public(upstream: str, prefix: str = "/public", **extra: Any) -> dict[str, An
     return {"name": name, "path_prefix": prefix, "upstream": upstream, "auth": "none", **extra}
 
 
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[MakeUpstream]:
-    """Factory: `await raw_upstream(handler, rcvbuf=0)` -> a started raw upstream."""
-    started: list[RawUpstream] = []
-
-    async def make(handler: Handler, rcvbuf: int = 0) -> RawUpstream:
-        up = RawUpstream(handler)
-        await up.start(rcvbuf)
-        started.append(up)
-        return up
-
-    try:
-        yield make
-    finally:
-        for up in started:
-            await up.stop()
-    errors = [exc for up in started for exc in up.errors]
-    if errors:
-        raise errors[0]
-
-
 def timed(arrivals: list[float]) -> Handler:
     """An echo upstream that notes the moment each request head arrives."""
 
-    async def handle(conn: UpConn) -> None:
-        while True:
-            req = await conn.read_request()
-            if req is None:
-                return
-            arrivals.append(time.monotonic())
-            out = await echo_answer(conn, req)
-            if out is None:
-                return
-            await conn.send(out)
+    async def answer(conn: UpConn, req: UpRequest) -> bytes | None:
+        arrivals.append(time.monotonic())
+        return await echo_answer(conn, req)
 
-    return handle
+    return http(answer)
 
 
 @contextlib.asynccontextmanager
@@ -146,14 +118,6 @@ async def dribble(client: Client, data: bytes, piece: int = 8 * KiB) -> None:
         if not await client.send(data[i : i + piece]):
             return
         await asyncio.sleep(0.02)
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout:g}s for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def get(port: int, target: str, timeout: float = WAIT) -> Response:

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -23,8 +22,17 @@ from gateway.budget import CallFailed, ClientQuota, Priority
 from gateway.cache import VerdictCache, token_key
 from gateway.emulator import Emulator
 from gateway.verdict import Active, Inactive
-from tests.conftest import SERVICE_ID, SERVICE_TOKEN, RawResponse, Running, StartGateway
-from tests.test_budget import Clock, budget, metric, routes, wait_until
+from tests.conftest import (
+    Clock,
+    RawResponse,
+    Running,
+    StartGateway,
+    budget,
+    metric,
+    raw_config,
+    routes,
+    wait_until,
+)
 
 # ---------------------------------------------------------------- helpers
 
@@ -59,29 +67,6 @@ async def ask(
 
 def random_token() -> str:
     return "spray-" + os.urandom(12).hex()
-
-
-def raw_config(authlete_url: str, upstream: str, **overrides: Any) -> dict[str, Any]:
-    """The YAML document start_gateway's configs are made from (for a reload file)."""
-    raw: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "realm": "test",
-        "authlete": {
-            "base_url": authlete_url,
-            "allow_insecure_http": True,
-            "service_id": SERVICE_ID,
-            "access_token": SERVICE_TOKEN,
-            "timeout": 2.0,
-        },
-        "routes": routes(upstream),
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return raw
 
 
 # ---------------------------------------------------------------- per-client quota
@@ -436,7 +421,7 @@ async def test_reload_applies_quota_pattern_and_refresh_settings(
     path = tmp_path / "gateway.yaml"
     raw = raw_config(
         emulator.base_url,
-        upstream,
+        routes(upstream),
         authlete={"rate_limit": {"per_client": 1}, "token_pattern": "spray-[0-9a-f]{24}"},
         cache={"refresh_ahead": 0},
     )

@@ -32,8 +32,7 @@ from gateway.echo import echo_app
 from gateway.emulator import Emulator
 from gateway.tls import TLSError
 from tests.certs import Pair, issue, make_ca, self_signed
-from tests.conftest import SERVICE_ID, SERVICE_TOKEN, StartGateway, make_config
-from tests.test_hardening import gateway_run, metric
+from tests.conftest import SERVICE_ID, SERVICE_TOKEN, StartGateway, gateway_run, make_config
 
 ROUTES_PUBLIC = "public"
 
@@ -447,6 +446,15 @@ async def test_unloadable_certificate_fails_start_naming_the_file_not_the_key(
 # =========================================================================== reload
 
 
+async def metric(session: aiohttp.ClientSession, admin: str, name: str) -> float:
+    async with session.get(f"{admin}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _peer_cn(peer: dict[str, Any] | None) -> str | None:
     if not peer:
         return None
@@ -511,10 +519,10 @@ async def test_sighup_reloads_certificates_and_keeps_the_old_on_a_broken_file(
             while errors < 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
                 errors = await metric(
-                    session, gw.admin, 'gateway_config_reloads_total{result="error"}'
+                    session, gw.admin_url, 'gateway_config_reloads_total{result="error"}'
                 )
             successes = await metric(
-                session, gw.admin, 'gateway_config_reloads_total{result="success"}'
+                session, gw.admin_url, 'gateway_config_reloads_total{result="success"}'
             )
         assert errors == 1, gw.stderr()[-2000:]
         assert successes == 1
