@@ -863,6 +863,12 @@ class _Validator:
             ),
             None,
         )
+        if drop is not None and allow is not None and drop & allow:
+            both = ", ".join(sorted(drop & allow))
+            self.problems.append(
+                f"headers.allow_from_untrusted: {both} also in drop_from_untrusted"
+            )
+            raise _Invalid()
         if len(names) != 3 or drop is None or allow is None:
             raise _Invalid()
         return HeadersConfig(
@@ -883,6 +889,8 @@ class _Validator:
             name = self.string(f"{path}[{i}]", item)
             if not _TCHAR.match(name):
                 raise self.fail(f"{path}[{i}]", "not a valid header name")
+            if "*" in name[:-1]:
+                raise self.fail(f"{path}[{i}]", "'*' may only end a name (a prefix: x-internal-*)")
             out.add(name.lower().replace("_", "-"))
         return frozenset(out)
 

@@ -853,7 +853,14 @@ class Exchange:
         route = self.route = routed.route
         self.path = routed.path
         self.target = routed.target
-        self.buffering = self.has_body and route.request_buffering != "off"
+        if self.has_body and route.request_buffering != "off":
+            # "auto" holds only what fits in memory: a body declared larger streams at once.
+            length = inbound.content_length
+            self.buffering = (
+                route.request_buffering == "on"
+                or length is None
+                or int(length) <= listener.limits.request_buffer_memory_bytes
+            )
         if route.max_body_bytes and inbound.content_length is not None:
             refused = check_framing(inbound, self.http11, route.max_body_bytes)
             if refused is not None:

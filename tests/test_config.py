@@ -583,7 +583,92 @@ INVALID: list[tuple[str, list[Mutation], list[str]]] = [
         [_set("routes.1.name", "public")],
         ["routes[1].name: duplicate route name 'public'"],
     ),
+    # the second hardening round
+    (
+        "head-under-a-line",
+        [_set("limits.max_head_bytes", 4096)],
+        ["limits.max_head_bytes: must be at least limits.max_header_bytes (one header line)"],
+    ),
+    (
+        "buffered-under-a-head",
+        [_set("limits.max_buffered_bytes", 65536), _set("limits.max_head_bytes", 131072)],
+        ["limits.max_buffered_bytes: must be at least limits.max_head_bytes (one head)"],
+    ),
+    (
+        "per-client-negative",
+        [_set("limits.max_connections_per_client", -1)],
+        ["limits.max_connections_per_client: must be >= 0"],
+    ),
+    (
+        "buffering-unknown",
+        [_set("limits.request_buffering", "sometimes")],
+        ['limits.request_buffering: must be "on", "off" or "auto"'],
+    ),
+    (
+        "route-buffering-number",
+        [_set("routes.1.request_buffering", 1)],
+        ['routes[1].request_buffering: must be "on", "off" or "auto"'],
+    ),
+    (
+        "forward-authorization-word",
+        [_set("routes.1.forward_authorization", "never")],
+        ["routes[1].forward_authorization: must be true or false"],
+    ),
+    (
+        "token-pattern-not-regex",
+        [_set("authlete.token_pattern", "[a-z")],
+        [
+            "authlete.token_pattern: not a regular expression: unterminated character set at "
+            "position 0"
+        ],
+    ),
+    (
+        "refresh-ahead-whole-life",
+        [_set("cache.refresh_ahead", 1)],
+        ["cache.refresh_ahead: must be a fraction below 1 (0 turns it off)"],
+    ),
+    (
+        "header-star-inside",
+        [_set("headers.drop_from_untrusted", ["x-*-user"])],
+        ["headers.drop_from_untrusted[0]: '*' may only end a name (a prefix: x-internal-*)"],
+    ),
+    (
+        "header-in-both-lists",
+        [
+            _set("headers.drop_from_untrusted", ["X-Team"]),
+            _set("headers.allow_from_untrusted", ["x_team"]),
+        ],
+        ["headers.allow_from_untrusted: x-team also in drop_from_untrusted"],
+    ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [(True, "on"), (False, "off"), ("on", "on"), ("OFF", "off"), ("auto", "auto")],
+)
+def test_request_buffering_values(value: Any, mode: str) -> None:
+    raw = copy.deepcopy(BASE)
+    raw["limits"] = {"request_buffering": value}
+    raw["routes"][0]["request_buffering"] = "on"
+    cfg = parse_config(yaml.safe_dump(raw), env={})
+    assert cfg.limits.request_buffering == mode
+    assert cfg.routes[0].request_buffering == "on"  # a route's own setting wins
+    assert cfg.routes[1].request_buffering == mode  # else the limits default
+
+
+def test_second_hardening_round_defaults() -> None:
+    cfg = parse_config(yaml.safe_dump(BASE), env={})
+    limits = cfg.limits
+    assert (limits.max_head_bytes, limits.max_buffered_bytes) == (65536, 64 * 1024 * 1024)
+    assert limits.max_connections_per_client == 0
+    assert (limits.min_body_rate, limits.min_body_rate_window) == (512, 10.0)
+    assert (limits.request_buffering, limits.request_buffer_memory_bytes) == ("auto", 65536)
+    assert all(r.forward_authorization for r in cfg.routes)
+    assert cfg.authlete.token_pattern is None
+    assert cfg.authlete.rate_limit.per_client == 0
+    assert cfg.cache.refresh_ahead == 0.1
+    assert cfg.headers.drop_from_untrusted == cfg.headers.allow_from_untrusted == frozenset()
 
 
 @pytest.mark.parametrize(
