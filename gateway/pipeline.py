@@ -78,6 +78,7 @@ class Plan:
         "routed",
         "router",
         "routes",
+        "token_pattern",
     )
 
     def __init__(self, cfg: Config, pool_for: Callable[[Upstream], Pool], metrics: Metrics) -> None:
@@ -86,6 +87,7 @@ class Plan:
         self.decider = Decider(cfg.realm)
         self.header_policy = HeaderPolicy(cfg.headers, cfg.trusted_proxies)
         self.max_token_bytes = cfg.max_token_bytes
+        self.token_pattern = cfg.authlete.token_pattern
         self.routes = {r.name: CompiledRoute(r, pool_for(r.upstream), metrics) for r in cfg.routes}
         # (method, raw target) -> where it goes: routing is a pure function of the two for
         # one plan, so the hot path's repeated targets skip normalising and matching.
@@ -146,7 +148,7 @@ def token_of(plan: Plan, inbound: Inbound) -> str | Denial:
     token = bearer.extract(inbound.authorization or (), plan.max_token_bytes)
     if isinstance(token, bearer.NoToken):
         return plan.decider.no_token(token)
-    pattern = plan.cfg.authlete.token_pattern
+    pattern = plan.token_pattern
     if pattern is not None and pattern.fullmatch(token) is None:
         return plan.decider.not_issued  # not the service's token format: no call for it
     return token

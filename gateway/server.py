@@ -121,6 +121,11 @@ class Listener:
         self.closing = False
         self.emptied = asyncio.Event()  # set when closing and the last connection is gone
         self.max_head_bytes = limits.max_head_bytes
+        # Heads with at most this many fields cannot pass max_head_bytes, each line being at
+        # most max_header_bytes (plus ": " and CRLF, and the request line's method and
+        # version): not added up.
+        line = limits.max_header_bytes + 4
+        self.short_head_fields = (limits.max_head_bytes - 64) // line - 1
         self.max_buffered_bytes = limits.max_buffered_bytes
         # Bytes held by unfinished request heads and by bodies held for an upstream, over
         # every connection; `heads` holds the connections with an unfinished head, oldest first.
@@ -326,13 +331,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._parse_failed(_SHED, "shed: memory short")
 
     def _release_head(self) -> None:
-        if self.head_bytes:
+        if self.waiting:
+            self.waiting = False
             listener = self.listener
             listener.buffered -= self.head_bytes
-            self.head_bytes = 0
-            if self.waiting:
-                self.waiting = False
-                del listener.heads[self]
+            del listener.heads[self]
+        self.head_bytes = 0
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_BUFFER
@@ -344,15 +348,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.paused & _PAUSE_DONE:
             return  # closing, or after an upgrade: nothing more is read as HTTP
         if self.in_head:
-            # All of it counts as head until the parser says where the head ended.
+            # All of it counts as head until the parser says where the head ended; a head
+            # that outlived a read holds memory (listener.buffered) until it is done.
             n = len(data)
             self.head_bytes += n
-            listener = self.listener
-            held = listener.buffered = listener.buffered + n
-            if held > listener.buffered_high:
-                listener.buffered_high = held
-            if held > listener.max_buffered_bytes:
-                listener.shed_heads()
+            if self.waiting:
+                self.listener.hold(n)
                 if self.closed or self.paused & _PAUSE_DONE:
                     return  # this one was shed
         try:
@@ -368,7 +369,9 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self._parse_failed(_TOO_BIG, "head too large")
             elif not self.waiting:
                 self.waiting = True
-                self.listener.heads[self] = None  # oldest first, for shed_heads
+                listener = self.listener
+                listener.heads[self] = None  # oldest first, for shed_heads
+                listener.hold(self.head_bytes)
         if self.out:
             self.flush()
 
@@ -454,17 +457,16 @@ class ClientConnection(asyncio.BufferedProtocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         listener = self.listener
-        if self.head_bytes:
+        if self.waiting:
+            self.waiting = False
             listener.buffered -= self.head_bytes
-            self.head_bytes = 0
-            if self.waiting:
-                self.waiting = False
-                del listener.heads[self]
+            del listener.heads[self]
+        self.head_bytes = 0
         parser = self.parser
         method = parser.get_method()
         headers = self.headers
         limit = listener.max_head_bytes
-        if (len(headers) + 1) * listener.limits.max_header_bytes > limit and (
+        if len(headers) > listener.short_head_fields and (
             # The request line (method, spaces, version, line end), each field line
             # (": " and CRLF) and the final CRLF: only worth adding up when it could be over.
             len(method) + len(self.url) + 13 + sum(len(n) + len(v) + 4 for n, v in headers) > limit
@@ -724,7 +726,6 @@ class Exchange:
         "cache",
         "chunked",
         "conn",
-        "connecting",
         "finished",
         "forwarding",
         "gone",
@@ -801,7 +802,6 @@ class Exchange:
         self.spooled = 0
         self.spool_sent = 0
         self.forwarding: tuple[Routed, Active | None] | None = None
-        self.connecting = False
         self.length: int | None = None  # Content-Length sent upstream for a body read whole
         self.upload_done = False
         self.bytes_in = 0
@@ -1006,14 +1006,13 @@ class Exchange:
             conn.out.append(_CONTINUE)
         self.upstream_started = time.perf_counter()
         route.overhead.observe(self.upstream_started - self.started)
-        self.forwarding = (routed, identity)
         if self.buffering and not self.request_done:
+            self.forwarding = (routed, identity)
             return  # the upstream request opens once the whole body is here
-        self._open_upstream()
+        self._open_upstream(routed, identity)
 
-    def _open_upstream(self) -> None:
-        assert self.forwarding is not None
-        routed, identity = self.forwarding
+    def _open_upstream(self, routed: Routed, identity: Active | None) -> None:
+        self.forwarding = None  # opened: once
         route = routed.route
         conn = self.conn
         # With request_buffering "on", a body read whole goes up with its length, whatever
@@ -1032,7 +1031,6 @@ class Exchange:
             route.forward_authorization,
             self.length,
         )
-        self.connecting = True
         up = route.pool.acquire()
         if up is not None:
             self.upstream_ready(up)
@@ -1040,7 +1038,6 @@ class Exchange:
             route.pool.open(self, route.timeout)
 
     def _connect(self, route: CompiledRoute) -> None:
-        self.connecting = True
         up = route.pool.acquire()
         if up is not None:
             self.upstream_ready(up)
@@ -1048,7 +1045,6 @@ class Exchange:
             route.pool.open(self, route.timeout)
 
     def upstream_ready(self, conn: UpstreamConnection) -> None:
-        self.connecting = False
         if self.gone or self.response_started:
             conn.reusable = True
             conn.pool.release(conn)
@@ -1129,8 +1125,8 @@ class Exchange:
 
     def _stop_buffering(self) -> None:
         self.buffering = False
-        if self.forwarding is not None and not self.connecting and self.up is None:
-            self._open_upstream()
+        if self.forwarding is not None:  # allowed, and waiting for the body: open it now
+            self._open_upstream(*self.forwarding)
 
     def _pump(self) -> None:
         """Send what is held, in order, as far as the upstream takes it; then, once the
@@ -1178,8 +1174,8 @@ class Exchange:
             self.conn.answered(self)
             return
         if self.buffering:
-            if self.forwarding is not None and not self.connecting and self.up is None:
-                self._open_upstream()
+            if self.forwarding is not None:
+                self._open_upstream(*self.forwarding)
             return
         up = self.up
         if up is not None:
