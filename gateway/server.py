@@ -77,6 +77,8 @@ _DISCARD_LIMIT = 64 * 1024
 # this long: closing with unread bytes makes the kernel send a reset, which can destroy the
 # answer before the client reads it.
 _LINGER_SECONDS = 1.0
+# At most this many refused connections linger at once; past it they close at once.
+_MAX_REFUSING = 256
 
 # Deadline kinds: what happens when a connection's deadline passes.
 _NONE = 0
@@ -133,6 +135,7 @@ class Listener:
         self.buffered_high = 0  # since memory was last given back
         self.heads: dict[ClientConnection, None] = {}
         self.per_client: dict[str, int] = {}  # open connections per untrusted peer address
+        self.refusing = 0  # connections refused at accept, still lingering
         self._sweeper: asyncio.TimerHandle | None = None
         self._methods: dict[bytes, str] = {}
 
@@ -266,6 +269,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.head_bytes = 0  # of the unfinished head, as they arrive
         self.waiting = False  # in listener.heads: the head outlived a read
         self.client: str | None = None  # counted against max_connections_per_client
+        self.refusing = False  # refused at accept, lingering
         self.cur: Exchange | None = None  # the exchange being answered
         self.parsing: Exchange | None = None  # the exchange whose body is being read
         self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for cur
@@ -310,25 +314,28 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._expect(_HEAD, listener.limits.header_timeout)
 
     def _refuse_connection(self, refusal: tuple[int, str, str]) -> None:
-        self.listener.metrics.connections_refused.inc()
-        self.closed = True
-        self._write(closing_answer(*refusal))
-        if self.transport is not None:
-            self.transport.close()
+        """503 at once, then a short lingering close: a client that already sent its request
+        would otherwise see a reset, which can destroy the answer before it is read."""
+        listener = self.listener
+        listener.metrics.connections_refused.inc()
+        transport = self.transport
+        assert transport is not None
+        self.paused |= _PAUSE_DONE  # whatever arrives is dropped
+        transport.write(closing_answer(*refusal))
+        if listener.refusing >= _MAX_REFUSING or not transport.can_write_eof():
+            self.closed = True  # a flood of refused connections: no fd is kept for them
+            transport.close()
+            return
+        listener.refusing += 1
+        self.refusing = True
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_SECONDS, self.close)
 
     def shed(self) -> None:
         """Memory is short and this unfinished head is the oldest: answer 503 and close."""
-        listener = self.listener
-        listener.metrics.connections_shed.inc()
+        self.listener.metrics.connections_shed.inc()
         self._release_head()
-        if self.cur is None and not self.closed:
-            listener.metrics.count_request(NO_ROUTE, "OTHER", 503)
-            self.closed = True
-            self._write(closing_answer(*_SHED))
-            if self.transport is not None:
-                self.transport.close()
-        else:
-            self._parse_failed(_SHED, "shed: memory short")
+        self._parse_failed(_SHED, "shed: memory short")
 
     def _release_head(self) -> None:
         if self.waiting:
@@ -390,6 +397,9 @@ class ClientConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         listener = self.listener
+        if self.refusing:
+            self.refusing = False
+            listener.refusing -= 1
         listener.connections.discard(self)
         self._release_head()
         if self.client is not None:

@@ -698,3 +698,31 @@ def test_shed_and_refused_counters_are_exported() -> None:
     lines = text.splitlines()
     assert f"{REFUSED_METRIC} 0.0" in lines
     assert f"{SHED_METRIC} 0.0" in lines, "no gateway_connections_shed_total counter"
+
+
+async def test_a_refused_client_that_keeps_sending_still_reads_its_503(
+    start_gateway: StartGateway,
+) -> None:
+    """A connection refused at accept (here by the per-client cap) whose client already sent
+    its request, and sends more, still reads the 503: the gateway half-closes and drops what
+    arrives instead of closing with unread bytes, which makes the kernel send a reset that
+    destroys the answer."""
+    gw = await start_gateway(routes(), limits={"max_connections_per_client": 1})
+    _, holder = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            try:
+                writer.write(b"POST /api/x HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)  # the refusal is out; the client goes on sending
+                with contextlib.suppress(OSError):
+                    writer.write(b"x" * 5000)
+                    await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+            assert data.startswith(b"HTTP/1.1 503 "), data[:100]
+            assert b"Connection: close" in data
+    finally:
+        holder.close()
