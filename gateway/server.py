@@ -374,6 +374,10 @@ class ClientConnection(asyncio.BufferedProtocol):
             # A head still incomplete after this read: it now holds memory until it is done.
             if self.head_bytes > self.listener.max_head_bytes:
                 self._parse_failed(_TOO_BIG, "head too large")
+            elif self.url and data[-1:] == b"\n" and self.parser.get_http_version() == "0.0":
+                # A request line that ended without a version: an HTTP/0.9 request, which
+                # would otherwise wait for a blank line until header_timeout.
+                self._parse_failed(_MALFORMED, "request line without a version")
             elif not self.waiting:
                 self.waiting = True
                 listener = self.listener

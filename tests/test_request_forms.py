@@ -109,15 +109,18 @@ async def test_options_asterisk_is_answered_by_the_gateway(
     assert resp.body == b""
 
 
-async def test_http_0_9_request_line_is_not_answered_as_http_0_9(
-    start_gateway: StartGateway, starlette_upstream: str
+@pytest.mark.parametrize("line", [b"GET /admin\r\n\r\n", b"GET /admin\r\n", b"GET /\n"])
+async def test_http_0_9_request_line_is_refused_at_once(
+    start_gateway: StartGateway, starlette_upstream: str, line: bytes
 ) -> None:
-    gw = await start_gateway(table(starlette_upstream))
+    """A request line without a version (HTTP/0.9) is a 400 as soon as it ends, whether or
+    not a blank line follows, never forwarded and never answered as HTTP/0.9."""
+    gw = await start_gateway(table(starlette_upstream), limits={"header_timeout": 30})
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
-        writer.write(b"GET /admin\r\n\r\n")
+        writer.write(line)
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5)
+        data = await asyncio.wait_for(reader.read(), 3)
     finally:
         writer.close()
     assert data.startswith(b"HTTP/1.1 400 "), data[:100]
