@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.admin import admin_app
 from gateway.budget import Budget
-from gateway.config import Config, ConfigError, Upstream, load_config
+from gateway.config import Config, ConfigError, Upstream, load_config, share_budget
 from gateway.introspection import IntrospectionError, Introspector
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -44,7 +44,11 @@ class Gateway:
         metrics: Metrics | None = None,
         reuse_port: bool = False,
         admin_socket: str | None = None,
+        budget_share: int = 1,
     ) -> None:
+        # A worker of `--workers N` runs on 1/N of the Authlete budget, also after a reload.
+        self.budget_share = budget_share
+        cfg = share_budget(cfg, budget_share)
         self.cfg = cfg
         self.reuse_port = reuse_port
         self.admin_socket = admin_socket
@@ -180,7 +184,7 @@ class Gateway:
         """SIGHUP: a valid file replaces routes, headers, cache and Authlete settings for new
         requests, atomically; an invalid one leaves the running config alone."""
         try:
-            new = load_config(path)
+            new = share_budget(load_config(path), self.budget_share)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config reload rejected: %s", problem)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, load_config, summary
+from gateway.config import Config, ConfigError, load_config, share_budget, summary
 
 EXIT_CONFIG = 2
 
@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     # Used by the supervisor of --workers for each worker; not for people.
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--admin-socket", help=argparse.SUPPRESS)
+    # a worker of --workers N: its 1/N of the Authlete call budget
+    run.add_argument("--budget-share", type=int, default=1, help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and summarise its routes")
@@ -155,10 +157,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = str(args.config)
     if args.workers == 1:
         return run_loop(
-            serve(cfg, path, reuse_port=args.reuse_port, admin_socket=args.admin_socket),
+            serve(
+                cfg,
+                path,
+                reuse_port=args.reuse_port,
+                admin_socket=args.admin_socket,
+                budget_share=args.budget_share,
+            ),
             args.loop,
         )
     from gateway.workers import supervise
+
+    limit = share_budget(cfg, args.workers).authlete.rate_limit
+    logging.getLogger("gateway").info(
+        "--workers %d share one Authlete access token: each gets authlete.rate_limit "
+        "rate %g/s, burst %d",
+        args.workers,
+        limit.rate,
+        limit.burst,
+    )
 
     return supervise(cfg, path, args.workers, args.loop)
 

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -1049,6 +1049,16 @@ class _Validator:
             if scope not in out:
                 out.append(scope)
         return tuple(out)
+
+
+def share_budget(cfg: Config, share: int) -> Config:
+    """One of `share` processes on one Authlete access token (`--workers`): its part of the
+    call budget, so that together they keep to `rate` and `burst`."""
+    if share <= 1:
+        return cfg
+    limit = cfg.authlete.rate_limit
+    part = replace(limit, rate=limit.rate / share, burst=max(1, limit.burst // share))
+    return replace(cfg, authlete=replace(cfg.authlete, rate_limit=part))
 
 
 def summary(cfg: Config) -> Iterator[str]:

@@ -30,10 +30,13 @@ async def serve(
     path: str | None = None,
     reuse_port: bool = False,
     admin_socket: str | None = None,
+    budget_share: int = 1,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads `path`."""
     tune_malloc()
-    gateway = Gateway(cfg, reuse_port=reuse_port, admin_socket=admin_socket)
+    gateway = Gateway(
+        cfg, reuse_port=reuse_port, admin_socket=admin_socket, budget_share=budget_share
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

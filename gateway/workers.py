@@ -65,6 +65,8 @@ class Supervisor:
             "--reuse-port",
             "--admin-socket",
             self.socket_of(index),
+            "--budget-share",
+            str(self._count),
         ]
 
     async def run(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ import aiohttp
 import pytest
 import yaml
 
+from gateway.emulator import Emulator
 from gateway.workers import merge_expositions
+from tests.conftest import SERVICE_ID, SERVICE_TOKEN
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 
@@ -188,3 +191,57 @@ async def test_group_metrics_pass_promtool(group: Group) -> None:
         ["promtool", "check", "metrics"], input=text, capture_output=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_workers_divide_the_authlete_budget(
+    tmp_path: Path, upstream: str, emulator: Emulator
+) -> None:
+    """The workers share one access token: each gets 1/N of rate and burst, so together they
+    keep to the configured budget (here a burst of 2: two calls, not two per worker)."""
+    port, admin = _free_port(), _free_port()
+    tokens = [f"worker-budget-{i}" for i in range(20)]
+    for token in tokens:
+        emulator.add_token(token, scopes=["a"])
+    cfg = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin}",
+        "log": {"access": False},
+        "authlete": {
+            "base_url": emulator.base_url,
+            "allow_insecure_http": True,
+            "service_id": SERVICE_ID,
+            "access_token": SERVICE_TOKEN,
+            "retries": 0,
+            "rate_limit": {"rate": 0.01, "burst": 2, "max_wait": 0},
+        },
+        "routes": [{"name": "api", "path_prefix": "/", "upstream": upstream}],
+    }
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "-c", str(path), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    statuses: list[int] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(150):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("worker group never became ready")
+        for token in tokens:  # a connection each, so the kernel spreads them over both workers
+            async with aiohttp.ClientSession() as session:
+                headers = {"Authorization": f"Bearer {token}", "Connection": "close"}
+                async with session.get(f"http://127.0.0.1:{port}/x", headers=headers) as resp:
+                    statuses.append(resp.status)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert emulator.calls <= 2, (emulator.calls, statuses)
+    assert statuses.count(200) == emulator.calls and statuses.count(503) == 20 - emulator.calls
+    assert b"each gets authlete.rate_limit rate 0.005/s, burst 1" in err, err[-2000:]
