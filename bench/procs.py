@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import http.client
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -168,3 +170,15 @@ def wait_until(
 def http_ok(port: int, path: str = "/", headers: Mapping[str, str] | None = None) -> bool:
     status, _ = http_request(port, "GET", path, headers=headers, timeout=2.0)
     return status == 200
+
+
+def emulator_call(port: int, path: str, doc: dict[str, Any] | None = None) -> Any:
+    """The emulator's control API: GET without a document, POST with one; its JSON answer."""
+    body = None if doc is None else json.dumps(doc).encode()
+    method = "GET" if doc is None else "POST"
+    status, raw = http_request(
+        port, method, path, body=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    if status >= 300:
+        raise BenchError(f"emulator {method} {path}: {status} {raw[:200]!r}")
+    return json.loads(raw)

@@ -26,7 +26,16 @@ from types import FrameType
 from typing import Any
 
 from bench import measure, nginx, report, wrk
-from bench.procs import BenchError, Child, Procs, free_ports, http_request, wait_until
+from bench.procs import (
+    BenchError,
+    Child,
+    Procs,
+    emulator_call,
+    free_ports,
+    http_ok,
+    http_request,
+    wait_until,
+)
 from bench.report import NOISY, RETRIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +236,7 @@ class Bench:
             nginx.upstream_conf(self.workdir, self.upstream_port),
         )
         self.upstream = self.procs.start("upstream-nginx", argv, self.cpu_load)
-        wait_until("upstream nginx", lambda: self._get_ok(self.upstream_port), self.upstream)
+        wait_until("upstream nginx", lambda: http_ok(self.upstream_port), self.upstream)
         self.pinning["upstream nginx"] = measure.allowed_cpus(self.upstream.pid)
         problem = nginx.check_upload_reads_body(self.upstream_port)
         if problem:
@@ -252,7 +261,7 @@ class Bench:
             env=self.env(),
         )
         wait_until(
-            "emulator", lambda: self._get_ok(self.emulator_port, "/_emulator/stats"), self.emulator
+            "emulator", lambda: http_ok(self.emulator_port, "/_emulator/stats"), self.emulator
         )
         self.pinning["emulator"] = measure.allowed_cpus(self.emulator.pid)
         self.emu("/_emulator/tokens", {"token": HOT_TOKEN, "scopes": [SCOPE], "lifetime": 86400})
@@ -271,23 +280,8 @@ class Bench:
         if not self.workers_supported:
             self.skipped["gateway-w2"] = "`gateway run` has no --workers option in this checkout"
 
-    def _get_ok(self, port: int, path: str = "/") -> bool:
-        return http_request(port, "GET", path, timeout=2.0)[0] == 200
-
     def emu(self, path: str, doc: dict[str, Any] | None = None) -> Any:
-        body = None if doc is None else json.dumps(doc).encode()
-        method = "GET" if doc is None else "POST"
-        status, raw = http_request(
-            self.emulator_port,
-            method,
-            path,
-            body=body,
-            headers={"Content-Type": "application/json"},
-            timeout=60,
-        )
-        if status >= 300:
-            raise BenchError(f"emulator {method} {path}: {status} {raw[:200]!r}")
-        return json.loads(raw)
+        return emulator_call(self.emulator_port, path, doc)
 
     def set_latency(self, seconds: float) -> None:
         self.emu("/_emulator/config", {"latency": seconds})
@@ -358,7 +352,7 @@ routes:
                 nginx.proxy_conf(self.workdir, port, self.upstream_port),
             )
             child = self.procs.start("nginx-proxy", argv, self.cpu_proxy)
-            wait_until("nginx proxy", lambda: self._get_ok(port), child)
+            wait_until("nginx proxy", lambda: http_ok(port), child)
         elif name in ("bare", "client"):
             child = self.procs.start(
                 f"{name}-proxy",
@@ -372,7 +366,7 @@ routes:
                 self.cpu_proxy,
                 env=self.env(),
             )
-            wait_until(f"{name} proxy", lambda: self._get_ok(port), child)
+            wait_until(f"{name} proxy", lambda: http_ok(port), child)
         elif name in ("gateway", "gateway-w2"):
             config = self.gateway_yaml(port, admin)
             extra = ["--workers", "2"] if name == "gateway-w2" else []
@@ -382,7 +376,7 @@ routes:
                 self.cpu_both if name == "gateway-w2" else self.cpu_proxy,
                 env=self.env(),
             )
-            wait_until(name, lambda: self._get_ok(admin, "/readyz"), child)
+            wait_until(name, lambda: http_ok(admin, "/readyz"), child)
         else:
             raise BenchError(f"unknown configuration {name}")
         return child, port

@@ -29,7 +29,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.procs import BenchError, Child, Procs, free_ports, http_request, wait_until
+from bench.procs import (
+    BenchError,
+    Child,
+    Procs,
+    emulator_call,
+    free_ports,
+    http_ok,
+    http_request,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_ID = "715948317"
@@ -255,30 +264,17 @@ class Spray:
             None,
             env=_env(),
         )
-        wait_until("emulator", lambda: self._ok(self.emulator_port, "/_emulator/stats"), emulator)
+        wait_until("emulator", lambda: http_ok(self.emulator_port, "/_emulator/stats"), emulator)
         upstream = self.procs.start(
             "upstream",
             [python, "-m", "bench.spray", "--serve-upstream", str(self.upstream_port)],
             None,
             env=_env(),
         )
-        wait_until("upstream", lambda: self._ok(self.upstream_port, "/"), upstream)
-
-    def _ok(self, port: int, path: str) -> bool:
-        return http_request(port, "GET", path, timeout=2.0)[0] == 200
+        wait_until("upstream", lambda: http_ok(self.upstream_port, "/"), upstream)
 
     def emu(self, path: str, doc: dict[str, Any] | None = None) -> Any:
-        body = None if doc is None else json.dumps(doc).encode()
-        status, raw = http_request(
-            self.emulator_port,
-            "GET" if doc is None else "POST",
-            path,
-            body=body,
-            headers={"Content-Type": "application/json"},
-        )
-        if status >= 300:
-            raise BenchError(f"emulator {path}: {status} {raw[:200]!r}")
-        return json.loads(raw)
+        return emulator_call(self.emulator_port, path, doc)
 
     def gateway(self, spec: RunSpec) -> tuple[Child, int, int]:
         port, admin = free_ports(2)
@@ -312,7 +308,7 @@ routes:
             env=_env(self.gateway_root),
             cwd=self.gateway_root,  # `python -m` puts the working directory first on sys.path
         )
-        wait_until(f"gateway ({spec.name})", lambda: self._ok(admin, "/readyz"), child)
+        wait_until(f"gateway ({spec.name})", lambda: http_ok(admin, "/readyz"), child)
         return child, port, admin
 
     def run(self, spec: RunSpec) -> dict[str, Any]:
