@@ -77,9 +77,9 @@ class VerdictCache:
         # Keys of active entries that expired or were evicted, oldest first, at most as many
         # as there may be entries (about 100 bytes a key; bytes and None: untracked by the GC).
         self._lapsed: dict[bytes, None] = {}
-        # Asked when an entry in its refresh window is read; True makes get() answer None so
-        # the caller comes back through Verdicts.fetch, which holds the token to refresh with.
-        self.refresh_due: Callable[[bytes], bool] | None = None
+        # Set by get() when the active entry it returned is inside its refresh window (and
+        # not yet claimed): the caller, who holds the token, may start a refresh; it clears it.
+        self.due = False
 
     def get(self, key: bytes) -> Verdict | None:
         entry = self._active.get(key)
@@ -87,8 +87,8 @@ class VerdictCache:
             deadline, refresh_at, expires_at = _HEAD.unpack_from(entry)
             now = self._clock()
             if deadline > now:
-                if now >= refresh_at and self.refresh_due is not None and self.refresh_due(key):
-                    return None
+                if now >= refresh_at:
+                    self.due = True
                 recent = self._recent.get(key)
                 if recent is not None and recent[0] is entry:
                     return recent[1]
@@ -142,7 +142,7 @@ class VerdictCache:
 
     def put_active(self, key: bytes, verdict: Active, ttl: float, ahead: float = 0.0) -> None:
         """Hold `verdict` for `ttl` seconds; with `ahead` (a fraction), a use within the last
-        `ahead` of that life is offered for a refresh (see `refresh_due`)."""
+        `ahead` of that life is offered for a refresh (see `due`)."""
         if ttl <= 0:
             return
         self._negative.pop(key, None)

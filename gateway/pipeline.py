@@ -156,7 +156,7 @@ def token_of(plan: Plan, inbound: Inbound) -> str | Denial:
 
 def lookup(verdicts: Verdicts, token: str) -> tuple[Verdict, str] | Miss:
     key = token_key(token)
-    found = verdicts.cached(key)
+    found = verdicts.cached(key, token)
     return found if found is not None else Miss(token, key)
 
 

@@ -470,12 +470,8 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self._release_head()
         listener = self.listener
-        if self.waiting:
-            self.waiting = False
-            listener.buffered -= self.head_bytes
-            del listener.heads[self]
-        self.head_bytes = 0
         parser = self.parser
         method = parser.get_method()
         headers = self.headers
@@ -1045,11 +1041,7 @@ class Exchange:
             route.forward_authorization,
             self.length,
         )
-        up = route.pool.acquire()
-        if up is not None:
-            self.upstream_ready(up)
-        else:
-            route.pool.open(self, route.timeout)
+        self._connect(route)
 
     def _connect(self, route: CompiledRoute) -> None:
         up = route.pool.acquire()

@@ -61,7 +61,6 @@ class Verdicts:
         self.cache = VerdictCache(
             cfg.max_entries, cfg.negative_max_entries, cfg.negative_ttl, cfg.stale_if_error
         )
-        self.cache.refresh_due = self._refresh_due
         self._inflight: dict[bytes, _Flight] = {}
         self._hit = metrics.cache_requests.labels("hit")
         self._negative_hit = metrics.cache_requests.labels("negative_hit")
@@ -69,14 +68,19 @@ class Verdicts:
         self._stale = metrics.cache_requests.labels("stale")
         self._quota_rejected = metrics.budget_rejected.labels("client_quota")
 
-    def cached(self, key: bytes) -> tuple[Verdict, str] | None:
+    def cached(self, key: bytes, token: str) -> tuple[Verdict, str] | None:
         """A verdict the cache holds, and hit or negative_hit; None on a miss. Synchronous,
-        so a hit is answered without a coroutine."""
-        verdict = self.cache.get(key)
+        so a hit is answered without a coroutine. A hit in the last part of its entry's life
+        starts a refresh-ahead (in the background, with spare budget only)."""
+        cache = self.cache
+        verdict = cache.get(key)
         if verdict is None:
             return None
         if isinstance(verdict, Active):
             self._hit.inc()
+            if cache.due:
+                cache.due = False
+                self._refresh(token, key)
             return verdict, "hit"
         self._negative_hit.inc()
         return verdict, "negative_hit"
@@ -87,7 +91,7 @@ class Verdicts:
         Raises IntrospectionError when no verdict could be had; that is never cached.
         """
         key = token_key(token)
-        found = self.cached(key)
+        found = self.cached(key, token)
         if found is not None:
             return found
         return await self.fetch(token, key)
@@ -95,13 +99,10 @@ class Verdicts:
     async def fetch(self, token: str, key: bytes, client: str = "") -> tuple[Verdict, str]:
         """A miss: one introspection call shared by every request for the token. `client`
         names who asks (see HeaderPolicy.client_of), for the per-client miss quota.
-
-        Also where `cached` hands a hit over for a refresh-ahead: this holds the token.
         """
         live = self.cache.peek(key)
-        if live is not None:  # handed over, or filled since the caller looked
+        if live is not None:  # filled since the caller looked
             if isinstance(live, Active):
-                self._refresh(token, key)
                 self._hit.inc()
                 return live, "hit"
             self._negative_hit.inc()
@@ -162,17 +163,6 @@ class Verdicts:
         return flight, task
 
     # ------------------------------------------------------------------ refresh-ahead
-    def _refresh_due(self, key: bytes) -> bool:
-        """The cache read an active entry in its refresh window. True hands the request over
-        to fetch() (a task, once per entry), which has the token; False serves the hit."""
-        spare = self._spare
-        return (
-            spare is not None
-            and self._cfg.refresh_ahead > 0
-            and key not in self._inflight
-            and spare()
-        )
-
     def _refresh(self, token: str, key: bytes) -> None:
         """Re-check a live entry in the background, on spare budget only; a miss for the
         same token joins the call. Once per entry: a refresh that fails is not retried."""

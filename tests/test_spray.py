@@ -286,29 +286,23 @@ def _cache(clock: Callable[[], float], max_entries: int = 10) -> VerdictCache:
 def test_unit_an_entry_is_offered_for_refresh_only_in_its_window_and_claimed_once() -> None:
     now = _Now()
     cache = _cache(now)
-    due: list[bytes] = []
-
-    def hand_over(key: bytes) -> bool:
-        due.append(key)
-        return True
-
-    cache.refresh_due = hand_over
     key, verdict = token_key("t"), Active("a", "1", (), "", 2e9)
     cache.put_active(key, verdict, 10.0, ahead=0.1)
     now.now += 8.9
-    assert cache.get(key) == verdict and due == []
+    assert cache.get(key) == verdict and not cache.due
     now.now += 0.2  # 9.1 s: inside the last 10%
-    assert cache.get(key) is None and due == [key]  # handed over
-    assert cache.peek(key) == verdict  # still live for whoever holds the token
+    assert cache.get(key) == verdict and cache.due  # served, and offered for a refresh
+    cache.due = False
     assert cache.claim_refresh(key)
     assert not cache.claim_refresh(key)  # once per entry
-    assert cache.get(key) == verdict and due == [key]  # claimed: an ordinary hit again
+    assert cache.get(key) == verdict and not cache.due  # claimed: an ordinary hit again
     cache.put_active(key, verdict, 10.0, ahead=0.1)  # the refreshed verdict
     now.now += 9.5
-    assert cache.get(key) is None and len(due) == 2
+    assert cache.get(key) == verdict and cache.due
+    cache.due = False
     cache.put_active(token_key("u"), verdict, 10.0)  # no `ahead`: never due
     now.now += 9.9
-    assert cache.get(token_key("u")) == verdict and len(due) == 2
+    assert cache.get(token_key("u")) == verdict and not cache.due
 
 
 def test_unit_expired_and_evicted_active_keys_are_remembered_as_known() -> None:
