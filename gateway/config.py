@@ -43,6 +43,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TRUSTED_PROXIES: tuple[str, ...] = ()
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _BUFFERING = {"on": "on", "true": "on", "off": "off", "false": "off", "auto": "auto"}
+_MIN_SECRET = 32  # bytes of shared.secret; admin.token needs half as many characters
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -187,6 +188,26 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """State shared by a fleet on Redis: one Authlete budget, one verdict cache, purges."""
+
+    redis_url: str = field(repr=False)  # may hold a password
+    secret: bytes = field(repr=False)  # HMAC key of verdicts stored in Redis
+    ca_file: str | None = None  # for rediss://
+    key_prefix: str = "gateway"
+    local_ttl: float = 5.0
+    timeout: float = 0.25
+    expected_replicas: int = 2
+    fallback_rate: float = 50.0  # the local budget while Redis is unusable
+    fallback_burst: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    token: str | None = field(default=None, repr=False)  # POST /cache/purge; None: 404
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Address
     admin_listen: Address
@@ -204,6 +225,8 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     tls: TLSConfig | None = None
     upstream_tls: UpstreamTLSConfig = UpstreamTLSConfig()
+    shared: SharedConfig | None = None
+    admin: AdminConfig = AdminConfig()
 
 
 # --------------------------------------------------------------------------- reading
@@ -389,6 +412,8 @@ class _Validator:
                     "trusted_proxies",
                     "tls",
                     "upstream_tls",
+                    "shared",
+                    "admin",
                 },
             ),
             None,
@@ -437,6 +462,8 @@ class _Validator:
         )
         tls = g(lambda: self.tls(top.get("tls")), False)
         upstream_tls = g(lambda: self.upstream_tls(top.get("upstream_tls")), None)
+        shared = g(lambda: self.shared(top.get("shared"), authlete), False)
+        admin_cfg = g(lambda: self.admin(top.get("admin")), None)
         if (
             listen is not None
             and admin is not None
@@ -464,6 +491,8 @@ class _Validator:
             trusted_proxies=trusted,
             tls=tls,
             upstream_tls=upstream_tls,
+            shared=shared,
+            admin=admin_cfg,
         )
 
     def limits(self, raw: Any) -> LimitsConfig:
@@ -599,6 +628,110 @@ class _Validator:
         if ca is False or skip is None:
             raise _Invalid()
         return UpstreamTLSConfig(ca_file=ca, insecure_skip_verify=skip)
+
+    def shared(self, raw: Any, authlete: AuthleteConfig | None) -> SharedConfig | None:
+        if raw is None:
+            return None
+        p = "shared"
+        m = self.mapping(
+            p,
+            raw,
+            {
+                "redis_url",
+                "tls",
+                "secret",
+                "key_prefix",
+                "local_ttl",
+                "timeout",
+                "expected_replicas",
+                "fallback_rate",
+            },
+        )
+        g = self.guard
+        for key in ("redis_url", "secret"):
+            if key not in m:
+                self.problems.append(f"{p}.{key}: is required when shared is set")
+        url = (
+            g(lambda: self.redis_url(f"{p}.redis_url", m["redis_url"]), None)
+            if "redis_url" in m
+            else None
+        )
+        secret = g(lambda: self.string(f"{p}.secret", m["secret"]), None) if "secret" in m else None
+        if secret is not None and len(secret.encode()) < _MIN_SECRET:
+            self.problems.append(f"{p}.secret: must be at least {_MIN_SECRET} bytes (a random key)")
+            secret = None
+        tls = self.guard(lambda: self.mapping(f"{p}.tls", m.get("tls"), {"ca_file"}), None)
+        ca: Any = None
+        if tls is not None and tls.get("ca_file") is not None:
+            ca = g(lambda: self.readable_file(f"{p}.tls.ca_file", tls["ca_file"]), False)
+            if url is not None and not url.startswith("rediss://"):
+                self.problems.append(f"{p}.tls.ca_file: only applies to a rediss:// redis_url")
+        prefix = g(lambda: self.string(f"{p}.key_prefix", m.get("key_prefix", "gateway")), None)
+        if prefix is not None and (" " in prefix or not prefix.isascii()):
+            self.problems.append(f"{p}.key_prefix: must be ASCII without spaces")
+            prefix = None
+        local_ttl = g(lambda: self.number(f"{p}.local_ttl", m.get("local_ttl", 5.0)), None)
+        timeout = g(lambda: self.number(f"{p}.timeout", m.get("timeout", 0.25)), None)
+        replicas = g(
+            lambda: self.integer(
+                f"{p}.expected_replicas", m.get("expected_replicas", 2), minimum=1
+            ),
+            None,
+        )
+        rate = authlete.rate_limit.rate if authlete is not None else 100.0
+        burst = authlete.rate_limit.burst if authlete is not None else 200
+        fallback: Any = None
+        if replicas is not None:
+            fallback = g(
+                lambda: self.number(f"{p}.fallback_rate", m.get("fallback_rate", rate / replicas)),
+                None,
+            )
+        if (
+            None in (url, secret, prefix, local_ttl, timeout, replicas, fallback, tls)
+            or ca is False
+            or url is None
+            or secret is None
+        ):
+            raise _Invalid()
+        return SharedConfig(
+            redis_url=url,
+            secret=secret.encode(),
+            ca_file=ca,
+            key_prefix=prefix,
+            local_ttl=local_ttl,
+            timeout=timeout,
+            expected_replicas=replicas,
+            fallback_rate=min(fallback, rate),
+            fallback_burst=max(1, burst // replicas),
+        )
+
+    def redis_url(self, path: str, value: Any) -> str:
+        text = self.string(path, value)
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018  # raises on a bad port
+        except ValueError:
+            raise self.fail(path, "not a redis://, rediss:// or unix:// URL") from None
+        if parts.scheme in ("redis", "rediss"):
+            if not parts.hostname:
+                raise self.fail(path, f"{parts.scheme}:// needs a host")
+        elif parts.scheme == "unix":
+            if not parts.path:
+                raise self.fail(path, "unix:// needs a socket path")
+        else:
+            raise self.fail(path, "not a redis://, rediss:// or unix:// URL")
+        return text
+
+    def admin(self, raw: Any) -> AdminConfig:
+        m = self.mapping("admin", raw, {"token"})
+        if m.get("token") is None:
+            return AdminConfig()
+        token = self.string("admin.token", m["token"], allow_empty=True)
+        if not token:  # ${GATEWAY_ADMIN_TOKEN:-} with the variable unset: no purge endpoint
+            return AdminConfig()
+        if len(token) < _MIN_SECRET // 2:
+            raise self.fail("admin.token", f"must be at least {_MIN_SECRET // 2} characters")
+        return AdminConfig(token=token)
 
     def buffering(self, path: str, value: Any) -> str:
         value = self.subst(path, value)
@@ -1056,6 +1189,15 @@ def share_budget(cfg: Config, share: int) -> Config:
     call budget, so that together they keep to `rate` and `burst`."""
     if share <= 1:
         return cfg
+    if cfg.shared is not None:
+        # The workers share the fleet's budget in Redis; only the fallback is theirs to split.
+        shared = cfg.shared
+        fallback = replace(
+            shared,
+            fallback_rate=shared.fallback_rate / share,
+            fallback_burst=max(1, shared.fallback_burst // share),
+        )
+        return replace(cfg, shared=fallback)
     limit = cfg.authlete.rate_limit
     part = replace(limit, rate=limit.rate / share, burst=max(1, limit.burst // share))
     return replace(cfg, authlete=replace(cfg.authlete, rate_limit=part))

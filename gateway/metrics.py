@@ -32,6 +32,11 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+_SHARED_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
 class _CounterChild:
     __slots__ = ("value",)
 
@@ -184,7 +189,9 @@ class Metrics:
         )
         self.cache_requests = Counter(
             "gateway_cache_requests",
-            "Verdict cache lookups by result (hit, negative_hit, miss).",
+            "Verdict lookups by the level that answered: hit, negative_hit (this process), "
+            "shared_hit, shared_negative_hit (Redis, with shared state), miss (an "
+            "introspection was needed), stale.",
             ["result"],
             registry=r,
         )
@@ -257,6 +264,49 @@ class Metrics:
             "gateway_config_reloads",
             "Config reloads (SIGHUP) by result: success, error (the old config stays).",
             ["result"],
+            registry=r,
+        )
+        self.shared_roundtrip = Histogram(
+            "gateway_shared_roundtrip_seconds",
+            "Round trips to the shared state (Redis), by operation.",
+            ["op"],
+            buckets=_SHARED_BUCKETS,
+            registry=r,
+        )
+        self.shared_errors = Counter(
+            "gateway_shared_errors",
+            "Failed shared-state operations by kind: timeout (past shared.timeout), "
+            "connection, full (Redis out of memory), response (an error reply), other.",
+            ["kind"],
+            registry=r,
+        )
+        self.shared_mode = Gauge(
+            "gateway_shared_mode",
+            "1 on the mode the shared state is in: shared (Redis in use) or fallback (local "
+            "cache and shared.fallback_rate while Redis is unusable). Absent without shared.",
+            ["mode"],
+            registry=r,
+        )
+        self.shared_lock_waits = Counter(
+            "gateway_shared_lock_waits",
+            "Misses that waited for another replica's introspection of the same token.",
+            registry=r,
+        )
+        self.shared_lock_takeovers = Counter(
+            "gateway_shared_lock_takeovers",
+            "Token locks taken over after their holder stopped renewing them (died or hung).",
+            registry=r,
+        )
+        self.shared_hmac_failures = Counter(
+            "gateway_shared_hmac_failures",
+            "Verdicts read from Redis whose HMAC did not match (treated as a miss).",
+            registry=r,
+        )
+        self.purges = Counter(
+            "gateway_cache_purges",
+            "POST /cache/purge requests and purges received from the fleet, by kind "
+            "(token, token_sha256, subject, client_id).",
+            ["kind"],
             registry=r,
         )
         build = Gauge("gateway_build_info", "Build information.", ["version"], registry=r)
