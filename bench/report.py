@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import fleet
+
 REFERENCES = ("direct", "nginx", "bare", "client")
 NOISY = 0.25  # cores used by other processes during a run before it is repeated
 RETRIES = 2  # at most this many repeats of a disturbed run
@@ -19,6 +21,7 @@ CPU_VS_NGINX_MOONSHOT = 2.0
 RPS_VS_BARE = 3.0  # gateway req/s >= this x the bare aiohttp proxy's (c64)
 C1_P50_SLACK_MS = 0.05  # gateway's added p50 (vs direct) <= nginx's added p50 + this (c1)
 WORKERS_SCALING = 1.8  # two workers vs one, projected on free cores (see _workers_target)
+SHARED_CPU = 1.03  # fleet: gateway-shared CPU µs per request <= this x the gateway's (hot c64)
 
 METRICS = (
     "rps",
@@ -217,7 +220,33 @@ def targets(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, An
         )
     else:
         out.append(_target("streaming", "Streaming: peak RSS", "<= +20 MiB", None, None))
+    if "fleet" in results:
+        out.append(_fleet_hot_target(results, extra))
     return out
+
+
+def _fleet_hot_target(results: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Issue 11: a local-level hit never touches Redis, so `shared` costs the hot path
+    (almost) nothing."""
+    tid = "fleet-hot-cpu"
+    desc = "Fleet, hot path: CPU per request with `shared` on vs off (c64)"
+    goal = f"<= {SHARED_CPU:.2f}x"
+    on = _config(results, "fleet", "hot-c64", "gateway-shared")
+    off = _config(results, "fleet", "hot-c64", "gateway")
+    if not (on and off and off["cpu_us_per_req"]["median"]):
+        return _target(tid, desc, goal, None, None)
+    a, b = on["cpu_us_per_req"]["median"], off["cpu_us_per_req"]["median"]
+    mode = extra.get("shared_modes", {}).get("gateway-shared", "?")
+    inactive = "" if mode == "shared" else f" (shared mode at start: {mode})"
+    commands = [r.get("redis_commands_per_req", 0.0) for r in on["runs"]]
+    return _target(
+        tid,
+        desc,
+        goal,
+        f"{a / b:.3f}x ({a:.1f} vs {b:.1f} µs/req; Redis commands per request "
+        f"{max(commands, default=0.0):.5f}){inactive}",
+        a / b <= SHARED_CPU,
+    )
 
 
 def _hot_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -462,6 +491,13 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"- **{case_name}**: {case['title']}")
         for note in data.get("notes", []):
             lines.append(f"- {note}")
+    if doc.get("fleet"):
+        lines += [
+            "",
+            "## fleet: four replicas on one Authlete budget",
+            "",
+            *fleet.tables(doc["fleet"]),
+        ]
     return "\n".join(lines) + "\n"
 
 

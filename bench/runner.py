@@ -20,12 +20,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import measure, nginx, report, wrk
+from bench import fleet, measure, nginx, report, wrk
 from bench.procs import (
     BenchError,
     Child,
@@ -56,7 +56,10 @@ INTROSPECTION_PATH = f"/api/{SERVICE_ID}/auth/introspection"
 AfterRun = Callable[[str, "report.Run", wrk.WrkResult, dict[str, str]], None]
 
 MAIN_CONFIGS = ("direct", "nginx", "bare", "client", "gateway", "gateway-w2")
-SCENARIOS = ("hot", "warm", "cold", "large", "bodies")
+FLEET_CONFIGS = ("gateway", "gateway-shared")  # the hot case of the fleet scenario
+ALL_CONFIGS = (*MAIN_CONFIGS, "gateway-shared")
+SCENARIOS = ("hot", "warm", "cold", "large", "bodies")  # the default set
+ALL_SCENARIOS = (*SCENARIOS, "fleet")  # fleet (issue 11) needs redis-server: on request
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,13 @@ def _parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)",
+        help=f"comma-separated subset of {','.join(ALL_SCENARIOS)} (default "
+        f"{','.join(SCENARIOS)}; fleet needs redis-server)",
     )
     p.add_argument(
         "--configs",
         default=None,
-        help=f"comma-separated subset of {','.join(MAIN_CONFIGS)} (default: each case's own set)",
+        help=f"comma-separated subset of {','.join(ALL_CONFIGS)} (default: each case's own set)",
     )
     p.add_argument(
         "--emulator-latency",
@@ -134,13 +138,13 @@ def _parse_args(argv: Sequence[str] | None) -> Options:
     )
     a = p.parse_args(argv)
     scenarios = tuple(s for s in a.scenarios.split(",") if s)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in ALL_SCENARIOS]
     if unknown:
         p.error(f"--scenarios: unknown {', '.join(unknown)}")
     configs: tuple[str, ...] | None = None
     if a.configs:
         configs = tuple(c for c in a.configs.split(",") if c)
-        bad = [c for c in configs if c not in MAIN_CONFIGS]
+        bad = [c for c in configs if c not in ALL_CONFIGS]
         if bad:
             p.error(f"--configs: unknown {', '.join(bad)}")
     duration, repeats = (1.0, 1) if a.quick else (a.duration, a.repeats)
@@ -163,8 +167,9 @@ def _parse_args(argv: Sequence[str] | None) -> Options:
     )
 
 
-def missing_tools() -> list[str]:
-    return [t for t in ("wrk", "nginx", "taskset") if _which(t) is None]
+def missing_tools(scenarios: Sequence[str] = SCENARIOS) -> list[str]:
+    tools = ("wrk", "nginx", "taskset", *(("redis-server",) if "fleet" in scenarios else ()))
+    return [t for t in tools if _which(t) is None]
 
 
 def _which(tool: str) -> str | None:
@@ -214,6 +219,9 @@ class Bench:
         self.upstream_port = 0
         self.emulator_port = 0
         self.workers_supported = False
+        self.fleet: fleet.Fleet | None = None  # the fleet scenario's Redis, emulator, replicas
+        self.fleet_doc: dict[str, Any] | None = None
+        self.shared_modes: dict[str, str] = {}
 
     # ------------------------------------------------------------------ infrastructure
     def python(self, *args: str) -> list[str]:
@@ -287,8 +295,19 @@ class Bench:
         self.emu("/_emulator/config", {"latency": seconds})
 
     # ------------------------------------------------------------------ configurations
-    def gateway_yaml(self, port: int, admin: int, max_entries: int = 100_000) -> Path:
+    def gateway_yaml(
+        self, port: int, admin: int, max_entries: int = 100_000, redis_url: str | None = None
+    ) -> Path:
         path = self.workdir / f"gateway-{port}.yaml"
+        shared = (
+            f"""\
+shared:  # the fleet scenario's gateway-shared: verdicts also in Redis, one budget there
+  redis_url: "{redis_url}"
+  secret: "${{GATEWAY_SHARED_SECRET}}"
+"""
+            if redis_url
+            else ""
+        )
         path.write_text(
             f"""\
 listen: "127.0.0.1:{port}"
@@ -311,7 +330,7 @@ routes:
     path_prefix: /
     upstream: "http://127.0.0.1:{self.upstream_port}"
     scopes: [{SCOPE}]
-"""
+{shared}"""
         )
         return path
 
@@ -367,15 +386,23 @@ routes:
                 env=self.env(),
             )
             wait_until(f"{name} proxy", lambda: http_ok(port), child)
-        elif name in ("gateway", "gateway-w2"):
-            config = self.gateway_yaml(port, admin)
+        elif name in ("gateway", "gateway-w2", "gateway-shared"):
+            env = self.env()
+            redis_url = None
+            if name == "gateway-shared":
+                if self.fleet is None:
+                    raise BenchError("gateway-shared runs in the fleet scenario only (its Redis)")
+                redis_url = self.fleet.infra.redis_url
+                env = {**self.fleet.infra.env(), **env}
+            config = self.gateway_yaml(port, admin, redis_url=redis_url)
             extra = ["--workers", "2"] if name == "gateway-w2" else []
             child = self.procs.start(
                 name,
                 self.python("-m", "gateway", "run", "-c", str(config), *extra),
                 self.cpu_both if name == "gateway-w2" else self.cpu_proxy,
-                env=self.env(),
+                env=env,
             )
+            child.extra["admin"] = admin
             wait_until(name, lambda: http_ok(admin, "/readyz"), child)
         else:
             raise BenchError(f"unknown configuration {name}")
@@ -894,6 +921,69 @@ routes:
             "download → upload on the same processes, so each value is the peak so far"
         )
 
+    def scenario_fleet(self) -> None:
+        """Issue 11: the hot path with `shared` on and off (wrk, pinned, as `hot`), then four
+        replicas on one Authlete budget (bench/fleet.py: its own Redis, rate-limited emulator
+        and upstream; the replicas are not pinned)."""
+        settings = replace(
+            fleet.QUICK if self.opts.quick else fleet.Settings(),
+            emulator_latency=self.opts.emulator_latency,
+        )
+        self.fleet = fleet.Fleet(self.procs, self.workdir, settings)
+        self.fleet.start_infra(self.cpu_load)
+        self.pinning["redis, fleet emulator, fleet upstream"] = self.cpu_load
+        self.pinning["fleet replicas"] = "not pinned"
+        redis_port = self.fleet.infra.redis_port
+        names = self.pick(FLEET_CONFIGS, FLEET_CONFIGS)
+        commands: dict[str, int] = {}
+
+        def before(name: str) -> dict[str, str]:
+            commands[name] = fleet.redis_commands_processed(redis_port)
+            return {}
+
+        def after(name: str, run: report.Run, result: wrk.WrkResult, env: dict[str, str]) -> None:
+            # A local-level hit never touches Redis: count what Redis did during the run.
+            # (The count includes this INFO call and, with retried runs, every attempt.)
+            delta = fleet.redis_commands_processed(redis_port) - commands.get(name, 0) - 1
+            run["redis_commands"] = delta
+            run["redis_commands_per_req"] = delta / max(result.requests, 1)
+
+        modes: dict[str, str] = {}
+        with self.proxies(names) as targets:
+            for name, target in targets.items():
+                admin = target.child.extra.get("admin")
+                if isinstance(admin, int):
+                    modes[name] = fleet.shared_mode(fleet.scrape(admin))
+            self.run_case(
+                "fleet",
+                "hot-c64",
+                "one valid token, every request a cache hit, 64 connections: the gateway with "
+                "and without `shared:` (gateway-shared: Redis behind the per-process level)",
+                targets,
+                names,
+                connections=64,
+                before_run=before,
+                after_run=after,
+            )
+        notes = self.notes.setdefault("fleet", [])
+        notes.append(
+            "shared mode at start (gateway_shared_mode): "
+            + ", ".join(f"{k} {v}" for k, v in modes.items())
+        )
+        notes.append(
+            "Redis commands during each hot run (all clients; a local-level hit sends none): "
+            + ", ".join(
+                f"{r['config']} {r['redis_commands']} ({r['redis_commands_per_req']:.5f}/req)"
+                for r in self.runs
+                if r["scenario"] == "fleet" and "redis_commands" in r
+            )
+        )
+        self.shared_modes = modes
+        _log("== fleet: four replicas")
+        doc = self.fleet.run()
+        doc["targets"] = fleet.targets(doc)
+        self.fleet_doc = doc
+
     # ------------------------------------------------------------------ report
     def document(self, started: dt.datetime, elapsed: float) -> dict[str, Any]:
         results = report.aggregate(self.runs)
@@ -908,6 +998,7 @@ routes:
             "skipped": self.skipped,
             "large_cache": self.large_cache,
             "large_names": self.large_names,
+            "shared_modes": self.shared_modes,
         }
         return {
             "meta": {
@@ -926,8 +1017,10 @@ routes:
             "pinning": self.pinning,
             "skipped": self.skipped,
             "large_cache": self.large_cache,
-            "targets": report.targets(results, extra),
+            "targets": report.targets(results, extra)
+            + (self.fleet_doc["targets"] if self.fleet_doc else []),
             "scenarios": results,
+            **({"fleet": self.fleet_doc} if self.fleet_doc else {}),
         }
 
 
@@ -1006,11 +1099,12 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = _parse_args(argv)
-    missing = missing_tools()
+    missing = missing_tools(opts.scenarios)
     if missing:
+        redis = " redis-server" if "redis-server" in missing else ""
         print(
             f"bench: missing {', '.join(missing)} on PATH. Install them with:\n"
-            "    apt-get install wrk nginx      # Debian/Ubuntu; taskset is in util-linux\n"
+            f"    apt-get install wrk nginx{redis}      # Debian/Ubuntu; taskset is in util-linux\n"
             "The benchmark installs nothing itself.",
             file=sys.stderr,
         )

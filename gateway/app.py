@@ -12,6 +12,7 @@ import logging
 import os
 import ssl
 import time
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -19,11 +20,13 @@ from aiohttp import web
 from gateway.admin import admin_app
 from gateway.budget import Budget
 from gateway.config import Config, ConfigError, Upstream, load_config, share_budget
+from gateway.fleet_cache import FleetCache
 from gateway.introspection import IntrospectionError, Introspector
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.pipeline import Plan
 from gateway.server import Listener
+from gateway.shared import Store, service_namespace
 from gateway.tls import (
     TLSError,
     authlete_context,
@@ -54,7 +57,13 @@ class Gateway:
         self.admin_socket = admin_socket
         self.metrics = metrics if metrics is not None else Metrics()
         self.ready = False
-        self.budget = Budget(cfg.authlete, self.metrics)
+        self.store: Store | None = None
+        self._fleet: FleetCache | None = None
+        if cfg.shared is not None:
+            service = service_namespace(cfg.authlete.base_url, cfg.authlete.service_id)
+            self.store = Store(cfg.shared, self.metrics, service=service)
+            self._fleet = FleetCache(self.store, cfg.shared, self.metrics)
+        self.budget = self._new_budget(cfg)
         self.metrics.budget_tokens.set_function(lambda: self.budget.tokens)
         self.pools: dict[object, Pool] = {}
         self._upstream_tls: ssl.SSLContext | None = None
@@ -80,6 +89,8 @@ class Gateway:
             trust_env=False,
         )
         self._upstream_tls = upstream_context(cfg.upstream_tls)
+        if self.store is not None:
+            await self.store.start()  # or fallback mode: never a reason not to serve
         self._introspector = Introspector(
             cfg.authlete, self._authlete_session, self.budget, self.metrics
         )
@@ -90,6 +101,8 @@ class Gateway:
             cfg.authlete.deadline,
             per_client=cfg.authlete.rate_limit.per_client,
             spare=lambda: self.budget.spare,  # the budget of the moment: reload replaces it
+            fleet=self._fleet,
+            local_ttl=cfg.shared.local_ttl if cfg.shared is not None else 0.0,
         )
         self._prober = asyncio.ensure_future(self._probe_while_unhealthy())
         verdicts = self._verdicts
@@ -122,7 +135,13 @@ class Gateway:
         self.proxy_port = int(self._server.sockets[0].getsockname()[1])
         listener.start_sweeping()
 
-        admin = admin_app(self.metrics.registry, self._not_ready)
+        admin = admin_app(
+            self.metrics.registry,
+            self._not_ready,
+            purge=verdicts.purge,
+            admin_token=lambda: self.cfg.admin.token,  # a reload may change it
+            purges=self.metrics.purges,
+        )
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
         if self.admin_socket is not None:  # a worker of --workers: the supervisor asks here
@@ -164,6 +183,11 @@ class Gateway:
             await self._admin_runner.cleanup()
         if self._authlete_session is not None:
             await self._authlete_session.close()
+        self.budget.close()
+        if self._fleet is not None:
+            self._fleet.close()
+        if self.store is not None:
+            await self.store.close()
         if listener is not None and listener.access_log is not None:
             listener.access_log.flush()
 
@@ -207,6 +231,9 @@ class Gateway:
             log.warning("config reload: tls switched on or off; restart to apply")
         if new.upstream_tls != old.upstream_tls or new.limits != old.limits:
             log.warning("config reload: upstream_tls and limits apply after a restart")
+        if new.shared != old.shared:
+            log.warning("config reload: shared applies after a restart")
+            new = replace(new, shared=old.shared)
         self.cfg = new
         listener = self._listener
         if listener is not None:
@@ -228,7 +255,7 @@ class Gateway:
     def _connect_authlete(self, cfg: Config) -> None:
         """A new budget and client for new Authlete settings; calls in flight finish on the old."""
         assert self._authlete_session is not None and self._verdicts is not None
-        self.budget = Budget(cfg.authlete, self.metrics)
+        self.budget = self._new_budget(cfg)
         self._introspector = Introspector(
             cfg.authlete, self._authlete_session, self.budget, self.metrics
         )
@@ -237,6 +264,13 @@ class Gateway:
             cfg.authlete.deadline,
             cfg.authlete.rate_limit.per_client,
         )
+
+    def _new_budget(self, cfg: Config) -> Budget:
+        """The Authlete budget: the fleet's bucket in Redis with `shared` (and a local one
+        while Redis is unusable), else this process's own."""
+        if self.store is not None and cfg.shared is not None:
+            return Budget(cfg.authlete, self.metrics, shared=(self.store, cfg.shared))
+        return Budget(cfg.authlete, self.metrics)
 
     async def _probe_while_unhealthy(self) -> None:
         """Let the breaker close (and readiness return) without waiting for client traffic,

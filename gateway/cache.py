@@ -21,6 +21,7 @@ from gateway.verdict import Active, Inactive, Verdict
 # monotonic deadline, monotonic refresh-after (== deadline: no refresh), token expiry (epoch)
 _HEAD = struct.Struct("=ddd")
 _SEP = "\x00"
+_SEP_BYTES = b"\x00"
 _RECENT = 4096  # cannot occur in a subject, client id or scope: they are header-safe
 
 
@@ -162,6 +163,41 @@ class VerdictCache:
         if self._negative_ttl <= 0:
             return
         self._negative[key] = verdict
+
+    def put_stale(self, key: bytes, verdict: Active) -> None:
+        """An active verdict known only as stale (the fleet's copy is past its freshness):
+        kept for get_stale alone, never over a live entry, never past `stale_if_error`."""
+        if self._stale_for <= 0 or key in self._active:
+            return
+        if len(self._active) >= self._max:
+            self._evict_one()
+        now = self._clock()
+        self._active[key] = _pack(now, now, verdict)
+
+    def delete(self, key: bytes) -> int:
+        """Forget a token's verdicts (a purge): live, stale, negative, and that it was known."""
+        found = self._active.pop(key, None) is not None
+        found = self._negative.pop(key, None) is not None or found
+        self._recent.pop(key, None)
+        self._lapsed.pop(key, None)
+        return int(found)
+
+    def delete_matching(self, subject: str | None = None, client_id: str | None = None) -> int:
+        """Forget every active verdict of a subject or a client (a purge); one pass over the
+        entries, so it costs milliseconds per hundred thousand."""
+        field = 0 if subject is not None else 1
+        wanted = (subject if subject is not None else client_id or "").encode()
+        start = _HEAD.size
+        doomed = [
+            key
+            for key, entry in self._active.items()
+            if entry[start:].split(_SEP_BYTES, 2)[field] == wanted
+        ]
+        for key in doomed:
+            del self._active[key]
+            self._recent.pop(key, None)
+            self._lapsed.pop(key, None)
+        return len(doomed)
 
     def reconfigure(
         self, max_entries: int, negative_max_entries: int, negative_ttl: float, stale: float

@@ -1211,6 +1211,15 @@ def summary(cfg: Config) -> Iterator[str]:
         f"cache ttl {cfg.cache.ttl:g}s negative {cfg.cache.negative_ttl:g}s "
         f"max {cfg.cache.max_entries}"
     )
+    if cfg.shared is not None:
+        sh = cfg.shared
+        where = urlsplit(sh.redis_url)
+        place = where.path if where.scheme == "unix" else f"{where.hostname}:{where.port or 6379}"
+        yield (
+            f"shared {where.scheme}://{place} prefix {sh.key_prefix!r}  local ttl "
+            f"{sh.local_ttl:g}s  timeout {sh.timeout:g}s  fallback {sh.fallback_rate:g}/s"
+        )
+    yield f"purge endpoint: {'on' if cfg.admin.token else 'off (no admin.token)'}"
     yield f"{len(cfg.routes)} route(s), first match wins:"
     for r in cfg.routes:
         methods = ",".join(sorted(r.methods)) if r.methods else "*"

@@ -153,8 +153,8 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "collapsed_summary", False):
-            return True  # our own summary, on its way through the same handler
+        if getattr(record, "collapsed_summary", False) or getattr(record, "always_log", False):
+            return True  # our own summary, or a change of state that must never be held back
         summaries: list[logging.LogRecord] = []
         with self._lock:
             now = self._clock()

@@ -304,7 +304,7 @@ class Metrics:
         )
         self.purges = Counter(
             "gateway_cache_purges",
-            "POST /cache/purge requests and purges received from the fleet, by kind "
+            "Purges carried out by this process (POST /cache/purge on its admin listener), by kind "
             "(token, token_sha256, subject, client_id).",
             ["kind"],
             registry=r,

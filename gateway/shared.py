@@ -2,8 +2,9 @@
 
 Every operation is bounded by `shared.timeout` and never retried here: a failure switches the
 process to fallback (its local cache and a local budget of `shared.fallback_rate`) at once,
-and a probe brings it back to shared mode when Redis answers again. Redis is never on the
-way of a request for longer than one timeout, and never decides an allow by its absence.
+and a probe brings it back to shared mode when Redis answers again.
+Redis is never on the way of a request for longer than one timeout, and never decides an
+allow by its absence.
 
 Events between replicas (a verdict was stored, a purge) travel on one pub/sub channel,
 `<key_prefix>:events`, read by one task per process.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +45,7 @@ Handler = Callable[[str, str], None]  # (event kind, payload)
 
 _PROBE_INTERVAL = 0.5
 _MAX_CONNECTIONS = 64
+_ALWAYS = {"always_log": True}  # changes of mode are never collapsed (see logs.RepeatFilter)
 ERROR_KINDS = ("timeout", "connection", "full", "response", "other")
 
 
@@ -54,14 +57,21 @@ class StoreDown(Exception):
         self.kind = kind
 
 
-def connect(cfg: SharedConfig) -> aioredis.Redis:
+def service_namespace(base_url: str, service_id: str) -> str:
+    """A short digest of the Authlete service a fleet checks tokens with."""
+    return hashlib.sha256(f"{base_url}\0{service_id}".encode()).hexdigest()[:16]
+
+
+def connect(
+    cfg: SharedConfig, retries: int = 1, max_connections: int = _MAX_CONNECTIONS
+) -> aioredis.Redis:
     """A client whose every command fails fast: one immediate retry on a fresh connection (a
     pooled one may be stale after a Redis restart), never past the timeout."""
     options: dict[str, Any] = {
         "socket_timeout": cfg.timeout,
         "socket_connect_timeout": cfg.timeout,
-        "retry": Retry(NoBackoff(), 1),
-        "max_connections": _MAX_CONNECTIONS,
+        "retry": Retry(NoBackoff(), retries),
+        "max_connections": max_connections,
         "health_check_interval": 0,
         "client_name": "authlete-gateway",
     }
@@ -79,11 +89,17 @@ class Store:
         cfg: SharedConfig,
         metrics: Metrics,
         client: aioredis.Redis | None = None,
+        service: str = "",
     ) -> None:
+        """`service` names the Authlete service (see `service_namespace`): gateways of two
+        services on one Redis never see each other's verdicts, locks or events."""
         self.cfg = cfg
-        self.prefix = cfg.key_prefix
-        self.channel = f"{cfg.key_prefix}:events"
+        self.prefix = f"{cfg.key_prefix}:{service}" if service else cfg.key_prefix
+        self.channel = f"{self.prefix}:events"
         self.redis = client if client is not None else connect(cfg)
+        # The subscription gets a client of its own that never reconnects by itself: a lost
+        # subscription may have missed purges, so it must go through fallback and the re-sync.
+        self._events = connect(cfg, retries=0, max_connections=2)
         self._metrics = metrics
         self._timeout = cfg.timeout
         self.shared = False  # until the first ping answers
@@ -103,17 +119,22 @@ class Store:
             await self.call("ping", lambda r: r.ping())
         except StoreDown as exc:
             log.warning(
-                "shared state unreachable at start (%s): serving in fallback mode", exc.kind
+                "shared state unreachable at start (%s): serving in fallback mode",
+                exc.kind,
+                extra=_ALWAYS,
             )
             self._start_probe()
             return
         if not await self._subscribe():
-            log.warning("shared state: cannot subscribe to events: serving in fallback mode")
+            log.warning(
+                "shared state: cannot subscribe to events: serving in fallback mode",
+                extra=_ALWAYS,
+            )
             self._start_probe()
             return
         self.shared = True
         self._set_gauge()
-        log.info("shared state connected (key prefix %r)", self.prefix)
+        log.info("shared state connected (key prefix %r)", self.prefix, extra=_ALWAYS)
 
     async def close(self) -> None:
         self._closing = True
@@ -122,8 +143,9 @@ class Store:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
+        for client in (self.redis, self._events):
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     def on_event(self, handler: Handler) -> None:
         self._handlers.append(handler)
@@ -170,7 +192,9 @@ class Store:
             self.shared = False
             self._set_gauge()
             log.warning(
-                "shared state unusable (%s): fallback mode, local cache and local budget", kind
+                "shared state unusable (%s): fallback mode, local cache and local budget",
+                kind,
+                extra=_ALWAYS,
             )
             self._stop_listening()
             self._start_probe()
@@ -183,8 +207,9 @@ class Store:
     async def _probe_until_back(self) -> None:
         while not self._closing:
             await asyncio.sleep(_PROBE_INTERVAL)
-            with contextlib.suppress(Exception):  # connections from before are likely dead
-                await self.redis.connection_pool.disconnect()
+            for client in (self.redis, self._events):  # connections from before: likely dead
+                with contextlib.suppress(Exception):
+                    await client.connection_pool.disconnect()
             try:
                 await self.call("ping", lambda r: r.ping())
             except StoreDown:
@@ -200,7 +225,7 @@ class Store:
                 continue
             self.shared = True
             self._set_gauge()
-            log.info("shared state reachable again: shared mode")
+            log.info("shared state reachable again: shared mode", extra=_ALWAYS)
             return
 
     async def _subscribe(self) -> bool:
@@ -224,7 +249,7 @@ class Store:
 
     async def _listen(self, subscribed: asyncio.Future[None]) -> None:
         """Read the event channel until cancelled; a broken subscription is a failure."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._events.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
             subscribed.set_result(None)

@@ -4,14 +4,20 @@ and a supervisor that owns the admin listener for the whole group.
 Each worker serves its own admin endpoints on a private Unix socket. The supervisor's
 `/metrics` scrapes every worker and adds their series up, so Prometheus sees the process
 group, not whichever worker the kernel picked; `/readyz` is ready only when every worker
-is. The supervisor forwards SIGHUP, drains on SIGTERM/SIGINT, and restarts a worker that
-dies (unless it dies right after starting, which a restart would not mend).
+is. `POST /cache/purge` is checked here (admin token, body) and then carried out by every
+worker, each on its own cache (with `shared`, every worker also purges Redis: the fleet purge
+is idempotent, and a worker that cannot reach Redis still empties its own local level); the
+answer adds their counts up and is 200 only if every worker purged. The supervisor forwards
+SIGHUP (and takes the admin token of the reloaded file), drains on SIGTERM/SIGINT, and
+restarts a worker that dies (unless it dies right after starting, which a restart would not
+mend).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import signal
@@ -28,7 +34,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gateway.config import Config
+from gateway.admin import add_purge_route, purge_answer
+from gateway.config import Config, ConfigError, load_config
 
 log = logging.getLogger("gateway.workers")
 
@@ -47,6 +54,7 @@ class Supervisor:
         self._dir = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
+        self._admin_token = cfg.admin.token
         self.exit_code = 0
 
     def socket_of(self, index: int) -> str:
@@ -74,7 +82,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         runner = web.AppRunner(self._admin_app(), handle_signals=False, access_log=None)
         await runner.setup()
         try:
@@ -118,6 +126,13 @@ class Supervisor:
             log.error("worker %d exited with %d; restarting", index, code)
             await asyncio.sleep(_RESTART_BACKOFF)
 
+    def _reload(self) -> None:
+        """SIGHUP: the workers reload; the supervisor only needs the admin token (a file that
+        does not load is the workers' to report, and leaves the token in force)."""
+        self._forward(signal.SIGHUP)
+        with contextlib.suppress(ConfigError, OSError):
+            self._admin_token = load_config(self._path).admin.token
+
     def _forward(self, sig: int) -> None:
         for proc in self._procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -129,6 +144,7 @@ class Supervisor:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        add_purge_route(app, lambda: self._admin_token, self._purge)
         return app
 
     async def _ask(self, index: int, path: str) -> tuple[int, str]:
@@ -142,6 +158,72 @@ class Supervisor:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, OSError, TimeoutError):
             return 0, ""
+
+    async def _post_purge(
+        self, index: int, body: bytes, token: str
+    ) -> tuple[int, dict[str, object]]:
+        """A purge on worker `index`: its status (0: no answer) and its JSON object ({} if
+        it sent none)."""
+        connector = aiohttp.UnixConnector(path=self.socket_of(index))
+        timeout = aiohttp.ClientTimeout(total=5)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                session.post("http://worker/cache/purge", data=body, headers=headers) as resp,
+            ):
+                try:
+                    answer = await resp.json(content_type=None)
+                except ValueError:
+                    answer = None
+                return resp.status, answer if isinstance(answer, dict) else {}
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return 0, {}
+
+    async def _purge(self, kind: str, value: str) -> web.Response:
+        """Every worker purges its own cache; their counts add up. 200 only if all did."""
+        token = self._admin_token
+        assert token is not None  # add_purge_route answered 404 otherwise
+        body = json.dumps({kind: value}).encode()
+        answers = await asyncio.gather(
+            *(self._post_purge(i, body, token) for i in range(self._count))
+        )
+        purged, fleet, shared_down = 0, True, False
+        failed: list[tuple[int, int]] = []
+        for index, (status, answer) in enumerate(answers):
+            count = answer.get("purged")
+            if status == 200 and type(count) is int:
+                purged += count
+                fleet = fleet and answer.get("fleet") is True
+            elif status == 503 and answer.get("error") == "shared_unavailable":
+                # That worker purged its own cache but could not reach Redis.
+                purged += count if type(count) is int else 0
+                shared_down = True
+            else:
+                failed.append((index, status))
+        if failed:
+            log.warning(
+                "cache purge: kind=%s, %d entries, but %d of %d workers did not purge (%s)",
+                kind,
+                purged,
+                len(failed),
+                self._count,
+                ", ".join(f"worker {i}: {status or 'no answer'}" for i, status in failed),
+            )
+            return web.json_response(
+                {
+                    "error": "workers_failed",
+                    "detail": f"{len(failed)} of {self._count} workers did not purge",
+                    "failed": len(failed),
+                    "workers": self._count,
+                    "purged": purged,
+                    "kind": kind,
+                    "fleet": False,
+                },
+                status=503,
+                headers={"Retry-After": "1", "Cache-Control": "no-store"},
+            )
+        return purge_answer(kind, purged, fleet and not shared_down, shared_down)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         alive = len(self._procs)

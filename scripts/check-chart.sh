@@ -2,13 +2,18 @@
 # Offline checks of the Helm chart in helm/gateway.
 #
 #   scripts/check-chart.sh                      default values, values-sidecar.yaml (also with
-#                                               the NetworkPolicy on), ci/full-values.yaml
+#                                               the NetworkPolicy on, and with shared state on
+#                                               ci/sidecar-shared-values.yaml), ci/full-values.yaml,
+#                                               ci/redis-values.yaml
 #   scripts/check-chart.sh -f my-values.yaml    one render with these extra helm args
 #
 # For each render: helm lint --strict, helm template, yamllint (duplicate keys, syntax) on the
 # output, kubernetes-validate --strict against the Kubernetes $KUBE_VERSION schemas (unknown
 # fields fail; CRD kinds such as ServiceMonitor only warn), and `gateway check-config` on the
-# rendered gateway.yaml (with a dummy AUTHLETE_ACCESS_TOKEN) when a `gateway` command exists.
+# rendered gateway.yaml when a `gateway` command exists (with dummies for the variables the
+# pod gets from Secrets: AUTHLETE_ACCESS_TOKEN, GATEWAY_REDIS_URL, GATEWAY_SHARED_SECRET,
+# GATEWAY_ADMIN_TOKEN; files the pod mounts from Secrets, such as shared.tls.ca_file, are
+# pointed at a placeholder).
 #
 # Tools (found in this order, fetched into the cache when missing):
 #   helm:                 $HELM, `helm` on PATH, $GATEWAY_TOOLS/bin/helm, else scripts/get-helm.sh
@@ -94,15 +99,27 @@ check() {  # check LABEL [helm args...]
   "$kv" --strict --quiet -k "${KUBE_VERSION%.*}" "$out/rendered.yaml" \
     || die "$label: kubernetes-validate --strict rejected a manifest"
   if [ -n "$gateway" ] && [ -n "$pyyaml" ]; then
-    "$pyyaml" - "$out/rendered.yaml" >"$out/gateway.yaml" <<'PY' || die "$label: no ConfigMap with gateway.yaml rendered"
-import sys, yaml
+    "$pyyaml" - "$out/rendered.yaml" "$out" >"$out/gateway.yaml" <<'PY' || die "$label: no ConfigMap with gateway.yaml rendered"
+import os, sys, yaml
 for doc in yaml.safe_load_all(open(sys.argv[1])):
     if doc and doc.get("kind") == "ConfigMap" and "gateway.yaml" in doc.get("data", {}):
-        sys.stdout.write(doc["data"]["gateway.yaml"])
+        text = doc["data"]["gateway.yaml"]
+        cfg = yaml.safe_load(text)
+        ca = ((cfg.get("shared") or {}).get("tls") or {}).get("ca_file")
+        if ca:  # mounted from a Secret in the pod: a placeholder here
+            placeholder = os.path.join(sys.argv[2], "redis-ca.pem")
+            open(placeholder, "w").write("placeholder\n")
+            text = text.replace(ca, placeholder)
+        sys.stdout.write(text)
         sys.exit(0)
 sys.exit(1)
 PY
-    AUTHLETE_ACCESS_TOKEN=check-chart-dummy "$gateway" check-config --config "$out/gateway.yaml" \
+    redis_url="redis://redis.invalid:6379/0"
+    grep -q 'redis-ca.pem' "$out/gateway.yaml" && redis_url="rediss://redis.invalid:6380/0"
+    AUTHLETE_ACCESS_TOKEN=check-chart-dummy GATEWAY_REDIS_URL="$redis_url" \
+      GATEWAY_SHARED_SECRET=check-chart-dummy-shared-secret-0123456789 \
+      GATEWAY_ADMIN_TOKEN=check-chart-dummy-admin-token \
+      "$gateway" check-config --config "$out/gateway.yaml" \
       >"$out/check.txt" 2>&1 || { cat "$out/check.txt" >&2; die "$label: gateway check-config rejected the rendered config"; }
     grep '^warning: ' "$out/check.txt" >&2 || true  # valid, but worth a look
     say "gateway check-config: OK"
@@ -120,5 +137,8 @@ else
   check "ci/full-values.yaml" -f "$CHART/ci/full-values.yaml"
   check "values-sidecar.yaml + networkPolicy" -f "$CHART/values-sidecar.yaml" \
     --set networkPolicy.enabled=true --set networkPolicy.podSelector.app=orders
+  check "ci/redis-values.yaml" -f "$CHART/ci/redis-values.yaml"
+  check "values-sidecar.yaml + ci/sidecar-shared-values.yaml" -f "$CHART/values-sidecar.yaml" \
+    -f "$CHART/ci/sidecar-shared-values.yaml"
 fi
 say "all OK"

@@ -1037,3 +1037,167 @@ async def gateway_run(
         except TimeoutError:
             proc.kill()
             await asyncio.to_thread(proc.wait)
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class RedisServer:
+    """A real `redis-server` on 127.0.0.1 without persistence, driven by its PID.
+
+    Started by `start_redis` (or the `redis_server` fixture). `url` is what a gateway's
+    `shared.redis_url` takes; `unix_url` too when it was started with a socket.
+    """
+
+    def __init__(self, port: int, unix_socket: str | None = None) -> None:
+        self.port = port
+        self.unix_socket = unix_socket
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.unix_url = f"unix://{unix_socket}?db=0" if unix_socket else None
+        self.dir = Path(tempfile.mkdtemp(prefix="gateway-redis-"))
+        self.log_path = self.dir / "redis.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("redis-server was never started")
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Launch on `port` (empty: nothing is saved or loaded), return once PING answers."""
+        if self.running:
+            raise RuntimeError(f"redis-server {self.pid} is already running")
+        argv = [
+            need_tool("redis-server"),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.dir),
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        if self.unix_socket:
+            argv += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        self._paused = False
+        deadline = time.monotonic() + timeout
+        while not self._pong():
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with {self._proc.returncode}: {self.log()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server never answered PING on {self.port}: {self.log()}")
+            time.sleep(0.02)
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        """The tail of the server's log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if self.running:
+            os.kill(self.pid, signum)
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis keeps its connections but answers nothing (slow, not gone)."""
+        self._signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        self._signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait (resumed first if paused); SIGKILL if it does not exit in time."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        if self._paused:
+            self.resume()
+        self._signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL (works on a paused server too) and reap."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._signal(signal.SIGKILL)
+        self._proc.wait()
+        self._paused = False
+
+    def restart(self) -> None:
+        """Stop if running, then start again on the same port, empty (no persistence)."""
+        self.stop()
+        for leftover in self.dir.glob("*.rdb"):
+            leftover.unlink()
+        self.start()
+
+    def cli(self, *args: str, timeout: float = 10.0) -> str:
+        """`redis-cli -p PORT ARGS...`: its stdout, stripped (raises if redis-cli fails)."""
+        proc = subprocess.run(
+            [need_tool("redis-cli"), "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout.strip()
+
+    def close(self) -> None:
+        """Stop and remove the working directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_redis(port: int | None = None, unix_socket: str | None = None) -> RedisServer:
+    """A started `RedisServer` (on a free port unless given); `close()` it when done. Skips
+    the test when redis-server is missing, fails it under CI (which installs it)."""
+    server = RedisServer(free_port() if port is None else port, unix_socket)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh, empty redis-server for the test; stopped afterwards (even if paused)."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -21,6 +21,8 @@ from gateway.config import (
     Upstream,
     load_config,
     parse_config,
+    share_budget,
+    summary,
 )
 
 # The example from the configuration reference, verbatim.
@@ -640,6 +642,73 @@ INVALID: list[tuple[str, list[Mutation], list[str]]] = [
         ],
         ["headers.allow_from_untrusted: x-team also in drop_from_untrusted"],
     ),
+    # shared state and the admin token
+    (
+        "shared-empty",
+        [_set("shared", {})],
+        [
+            "shared.redis_url: is required when shared is set",
+            "shared.secret: is required when shared is set",
+        ],
+    ),
+    (
+        "shared-bad-scheme",
+        [_set("shared", {"redis_url": "http://redis:6379", "secret": "x" * 32})],
+        ["shared.redis_url: not a redis://, rediss:// or unix:// URL"],
+    ),
+    (
+        "shared-no-host",
+        [_set("shared", {"redis_url": "redis:///0", "secret": "x" * 32})],
+        ["shared.redis_url: redis:// needs a host"],
+    ),
+    (
+        "shared-short-secret",
+        [_set("shared", {"redis_url": "redis://r:6379", "secret": "short"})],
+        ["shared.secret: must be at least 32 bytes (a random key)"],
+    ),
+    (
+        "shared-unknown",
+        [_set("shared", {"redis_url": "redis://r", "secret": "x" * 32, "ttl": 3})],
+        ["shared.ttl: unknown key"],
+    ),
+    (
+        "shared-ca-without-tls",
+        [
+            _set(
+                "shared",
+                {"redis_url": "redis://r", "secret": "x" * 32, "tls": {"ca_file": __file__}},
+            )
+        ],
+        ["shared.tls.ca_file: only applies to a rediss:// redis_url"],
+    ),
+    (
+        "shared-bad-numbers",
+        [
+            _set(
+                "shared",
+                {
+                    "redis_url": "redis://r",
+                    "secret": "x" * 32,
+                    "local_ttl": 0,
+                    "timeout": -1,
+                    "expected_replicas": 0,
+                },
+            )
+        ],
+        [
+            "shared.local_ttl: must be > 0",
+            "shared.timeout: must be > 0",
+            "shared.expected_replicas: must be >= 1",
+        ],
+    ),
+    (
+        "admin-short-token",
+        [_set("admin", {"token": "short"})],
+        [
+            "admin.token: must be at least 16 characters",
+        ],
+    ),
+    ("admin-unknown", [_set("admin", {"tokens": "x"})], ["admin.tokens: unknown key"]),
 ]
 
 
@@ -983,3 +1052,58 @@ routes: [{path_prefix: /, upstream: "http://u:1"}]
     assert parse_config(allowed, env={}).authlete.allow_insecure_http is True
     https = text.replace("http://authlete", "https://authlete")
     assert parse_config(https, env={}).authlete.base_url == "https://authlete.example"
+
+
+def test_shared_section_parsed_with_secrets_from_the_environment() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["shared"] = {
+        "redis_url": "rediss://:${REDIS_PASSWORD}@redis.internal:6380/0",
+        "secret": "${SHARED_SECRET}",
+        "local_ttl": 2,
+        "expected_replicas": 4,
+    }
+    raw["authlete"]["rate_limit"] = {"rate": 100, "burst": 200}
+    raw["admin"] = {"token": "${ADMIN_TOKEN}"}
+    env = {"REDIS_PASSWORD": "pw-123", "SHARED_SECRET": "k" * 40, "ADMIN_TOKEN": "a" * 20}
+    cfg = parse_config(yaml.safe_dump(raw), env=env)
+    shared = cfg.shared
+    assert shared is not None
+    assert shared.redis_url == "rediss://:pw-123@redis.internal:6380/0"
+    assert shared.secret == b"k" * 40
+    assert (shared.local_ttl, shared.timeout, shared.key_prefix) == (2.0, 0.25, "gateway")
+    assert (shared.fallback_rate, shared.fallback_burst) == (25.0, 50)  # rate and burst / 4
+    assert cfg.admin.token == "a" * 20
+    # Secrets never in a repr (logs, tracebacks).
+    for secret in ("pw-123", "k" * 40, "a" * 20):
+        assert secret not in repr(cfg)
+    # The summary names where Redis is, never the password.
+    lines = "\n".join(summary(cfg))
+    assert "redis.internal:6380" in lines and "pw-123" not in lines
+    assert "purge endpoint: on" in lines
+
+
+def test_shared_off_by_default_and_admin_token_may_be_empty() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["admin"] = {"token": "${ADMIN_TOKEN:-}"}
+    cfg = parse_config(yaml.safe_dump(raw), env={})
+    assert cfg.shared is None and cfg.admin.token is None
+
+
+def test_unix_socket_url_and_fallback_rate_never_above_rate() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["shared"] = {
+        "redis_url": "unix:///run/redis/redis.sock?db=1",
+        "secret": "x" * 32,
+        "fallback_rate": 500,
+    }
+    shared = parse_config(yaml.safe_dump(raw), env={}).shared
+    assert shared is not None and shared.fallback_rate == 100.0
+
+
+def test_workers_split_only_the_fallback_when_shared() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["shared"] = {"redis_url": "redis://r", "secret": "x" * 32, "expected_replicas": 2}
+    cfg = share_budget(parse_config(yaml.safe_dump(raw), env={}), 4)
+    assert cfg.authlete.rate_limit.rate == 100  # the fleet's bucket in Redis is shared
+    assert cfg.shared is not None
+    assert (cfg.shared.fallback_rate, cfg.shared.fallback_burst) == (12.5, 25)

@@ -1,7 +1,9 @@
 """The Helm chart in helm/gateway, checked offline.
 
-Renders the chart with its default values, with values-sidecar.yaml and with
-ci/full-values.yaml (every optional part on), validates every manifest with
+Renders the chart with its default values, with values-sidecar.yaml, with
+ci/full-values.yaml (every optional part on), and with shared state on the trial Redis
+(ci/redis-values.yaml, and ci/sidecar-shared-values.yaml on top of values-sidecar.yaml),
+validates every manifest with
 `kubernetes-validate --strict` against the Kubernetes 1.30 schemas, checks the rendered
 gateway.yaml with `gateway check-config`, and asserts the properties that matter in a cluster.
 
@@ -12,24 +14,34 @@ tools cache that scripts/get-helm.sh and scripts/check-chart.sh fill ($GATEWAY_T
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import redis
 import yaml
+
+from tests.conftest import free_port, gateway_run, need_tool, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "gateway"
 SIDECAR_VALUES = CHART / "values-sidecar.yaml"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+REDIS_VALUES = CHART / "ci" / "redis-values.yaml"
+SIDECAR_SHARED_VALUES = CHART / "ci" / "sidecar-shared-values.yaml"
 TOOLS = Path(os.environ.get("GATEWAY_TOOLS", "/var/tmp/gateway-tools"))
 KUBE_VERSION = "1.30.0"
 RELEASE = "ci"
@@ -46,7 +58,17 @@ SIDECAR_POLICY: tuple[str, ...] = (
     "--set",
     "networkPolicy.podSelector.app=orders",
 )
-SHAPES = {"default": DEFAULT, "sidecar": SIDECAR, "full": FULL, "sidecar-policy": SIDECAR_POLICY}
+# Shared state on the chart's trial Redis: standalone, and for sidecars.
+REDIS: tuple[str, ...] = ("-f", str(REDIS_VALUES))
+SIDECAR_SHARED: tuple[str, ...] = (*SIDECAR, "-f", str(SIDECAR_SHARED_VALUES))
+SHAPES = {
+    "default": DEFAULT,
+    "sidecar": SIDECAR,
+    "full": FULL,
+    "sidecar-policy": SIDECAR_POLICY,
+    "redis": REDIS,
+    "sidecar-shared": SIDECAR_SHARED,
+}
 
 Doc = dict[str, Any]
 
@@ -130,8 +152,25 @@ def one(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
     return found[0]
 
 
+def is_redis(doc: Doc) -> bool:
+    return bool(doc["metadata"]["labels"].get("app.kubernetes.io/component") == "redis")
+
+
+def gateway_deployment(docs: list[Doc]) -> Doc:
+    """The gateway's Deployment (not the trial Redis's)."""
+    found = [d for d in docs if d["kind"] == "Deployment" and not is_redis(d)]
+    assert len(found) == 1, f"expected one gateway Deployment, got {len(found)}"
+    return found[0]
+
+
+def redis_deployment(docs: list[Doc]) -> Doc:
+    found = [d for d in docs if d["kind"] == "Deployment" and is_redis(d)]
+    assert len(found) == 1, f"expected one Redis Deployment, got {len(found)}"
+    return found[0]
+
+
 def pod_spec(docs: list[Doc]) -> Doc:
-    spec: Doc = one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec: Doc = gateway_deployment(docs)["spec"]["template"]["spec"]
     return spec
 
 
@@ -143,7 +182,7 @@ def gateway_container(docs: list[Doc]) -> Doc:
 
 
 def pod_annotations(docs: list[Doc]) -> dict[str, str]:
-    annotations: dict[str, str] = one(docs, "Deployment")["spec"]["template"]["metadata"][
+    annotations: dict[str, str] = gateway_deployment(docs)["spec"]["template"]["metadata"][
         "annotations"
     ]
     return annotations
@@ -193,12 +232,41 @@ def kubernetes_validate(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+# What the pod gets from Secrets, for `gateway check-config` outside the cluster.
+DUMMY_ENV = {
+    "GATEWAY_REDIS_URL": "redis://redis.invalid:6379/0",
+    "GATEWAY_SHARED_SECRET": "dummy-shared-secret-0123456789abcdef",
+    "GATEWAY_ADMIN_TOKEN": "dummy-admin-token-0123",
+}
+
+
+def write_config(docs: list[Doc], directory: Path) -> Path:
+    """The rendered gateway.yaml in `directory`; a file the pod mounts from a Secret
+    (shared.tls.ca_file) is pointed at a placeholder there."""
+    text = gateway_yaml(docs)
+    ca = (gateway_config(docs).get("shared") or {}).get("tls", {}).get("ca_file")
+    if ca:
+        placeholder = directory / "redis-ca.pem"
+        placeholder.write_text("placeholder\n", encoding="utf-8")
+        text = text.replace(ca, str(placeholder))
+    path = directory / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def check_config(
-    path: Path, token: str | None = "dummy-authlete-token"
+    path: Path,
+    token: str | None = "dummy-authlete-token",
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTHLETE_", "GATEWAY_"))}
     if token is not None:
         env["AUTHLETE_ACCESS_TOKEN"] = token
+    if extra_env is None:
+        extra_env = dict(DUMMY_ENV)
+        if "redis-ca.pem" in path.read_text(encoding="utf-8"):
+            extra_env["GATEWAY_REDIS_URL"] = "rediss://redis.invalid:6380/0"
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
         capture_output=True,
@@ -305,6 +373,7 @@ def test_full_render_has_every_optional_part() -> None:
         "Secret",
         "Service",
         "Service",
+        "Service",
         "ServiceAccount",
         "ServiceMonitor",
     ]
@@ -315,11 +384,11 @@ def test_sidecar_render_is_only_the_config() -> None:
     assert kinds(render(*SIDECAR, "--set", "authlete.accessToken=tok")) == ["ConfigMap", "Secret"]
     # Even with the optional parts switched on, sidecar mode renders no workload objects
     # (the NetworkPolicy then needs the application pods' labels).
-    docs = render(*FULL, "--set", "mode=sidecar", "--set", "networkPolicy.podSelector.app=x")
+    # (Sidecars with shared state need the number of application pods.)
+    sidecar_full = (*FULL, "--set", "mode=sidecar", "--set", "shared.expectedReplicas=4")
+    docs = render(*sidecar_full, "--set", "networkPolicy.podSelector.app=x")
     assert kinds(docs) == ["ConfigMap", "NetworkPolicy", "Secret"]
-    assert kinds(
-        render(*FULL, "--set", "mode=sidecar", "--set", "networkPolicy.enabled=false")
-    ) == [
+    assert kinds(render(*sidecar_full, "--set", "networkPolicy.enabled=false")) == [
         "ConfigMap",
         "Secret",
     ]
@@ -336,8 +405,7 @@ def test_everything_lands_in_the_release_namespace(shape: str) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rendered_config_is_accepted_by_the_gateway(shape: str, tmp_path: Path) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(gateway_yaml(render(*SHAPES[shape])), encoding="utf-8")
+    path = write_config(render(*SHAPES[shape]), tmp_path)
     proc = check_config(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith(f"{path}: OK")
@@ -465,6 +533,9 @@ def test_extra_env_is_passed_through() -> None:
     env = gateway_container(render(*FULL))["env"]
     assert [e["name"] for e in env] == [
         "AUTHLETE_ACCESS_TOKEN",
+        "GATEWAY_REDIS_URL",
+        "GATEWAY_SHARED_SECRET",
+        "GATEWAY_ADMIN_TOKEN",
         "AUTHLETE_TIMEOUT",
         "AUTHLETE_SERVICE_ID",
     ]
@@ -532,7 +603,7 @@ def test_pdb_only_when_enabled() -> None:
 
 
 def pod_selector(docs: list[Doc]) -> dict[str, str]:
-    selector: dict[str, str] = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    selector: dict[str, str] = gateway_deployment(docs)["spec"]["selector"]["matchLabels"]
     return selector
 
 
@@ -622,6 +693,10 @@ spec:
       image: registry.example.com/orders:1.4
   volumes:
     - {{ include "gateway.volume" . | nindent 6 | trim }}
+    - {{ include "gateway.tmpVolume" . | nindent 6 | trim }}
+    {{- if and .Values.shared.enabled .Values.shared.tls.caSecret }}
+    - {{ include "gateway.redisCaVolume" . | nindent 6 | trim }}
+    {{- end }}
 """,
         encoding="utf-8",
     )
@@ -635,6 +710,8 @@ def test_notes_print_the_sidecar_container_from_the_shared_helpers() -> None:
     assert 'include "gateway.container"' in notes
     assert 'include "gateway.volume"' in notes
     assert 'include "gateway.terminationGracePeriodSeconds"' in notes
+    assert 'include "gateway.tmpVolume"' in notes
+    assert 'include "gateway.redisCaVolume"' in notes
 
 
 @needs_validator
@@ -687,7 +764,7 @@ def test_readme_sidecar_example_matches_the_chart(tmp_path: Path) -> None:
 
 def test_values_files_only_use_documented_top_level_keys() -> None:
     documented = set(yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8")))
-    for path in (SIDECAR_VALUES, FULL_VALUES):
+    for path in (SIDECAR_VALUES, FULL_VALUES, REDIS_VALUES, SIDECAR_SHARED_VALUES):
         used = set(yaml.safe_load(path.read_text(encoding="utf-8")))
         assert used <= documented, (path.name, used - documented)
 
@@ -802,3 +879,624 @@ def test_body_spill_directory_is_a_bounded_writable_volume() -> None:
     resized = render("--set", "tmpVolume.sizeLimit=256Mi")
     volumes = {v["name"]: v for v in pod_spec(resized)["volumes"]}
     assert volumes["gateway-tmp"]["emptyDir"] == {"sizeLimit": "256Mi"}
+
+
+# ------------------------------------------------------------------------------ shared state
+
+SHARED_BY_URL: tuple[str, ...] = (
+    "--set",
+    "shared.enabled=true",
+    "--set",
+    "shared.redisUrl=rediss://:url-p4ssw0rd@redis.example:6380/2",
+    "--set",
+    "shared.secret.value=hmac-value-0123456789abcdef0123456789",
+)
+SHARED_BY_REF: tuple[str, ...] = (
+    "--set",
+    "shared.enabled=true",
+    "--set",
+    "shared.existingSecret=prod-redis",
+    "--set",
+    "shared.redisUrlKey=url",
+    "--set",
+    "shared.secret.existingSecret=prod-hmac",
+    "--set",
+    "shared.secret.key=hmac",
+    "--set",
+    "admin.existingSecret=prod-admin",
+    "--set",
+    "admin.existingSecretKey=purge",
+)
+SHARED_SHAPES = {
+    "by-url": SHARED_BY_URL,
+    "by-ref": SHARED_BY_REF,
+    "full": FULL,
+    "redis": REDIS,
+    "sidecar-shared": SIDECAR_SHARED,
+}
+ALL_SHAPES: dict[str, tuple[str, ...]] = {**SHAPES, **SHARED_SHAPES}
+
+
+def chart_secrets(docs: list[Doc]) -> dict[str, dict[str, str]]:
+    """The Secrets the chart renders: name -> decoded data."""
+    return {
+        d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+        for d in docs
+        if d["kind"] == "Secret"
+    }
+
+
+def env_of(container: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in container["env"]}
+
+
+_K8S_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def k8s_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in env values, command and args (unknown: left as is)."""
+
+    def one_ref(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _K8S_REF.sub(one_ref, text)
+
+
+def resolve_env(container: Doc, docs: list[Doc], outside: dict[str, str]) -> dict[str, str]:
+    """The environment the container gets: values expanded in order, secretKeyRefs read
+    from the chart's own Secrets, or from `outside` (Secrets of the user's) by variable."""
+    secrets = chart_secrets(docs)
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        name = entry["name"]
+        if "value" in entry:
+            env[name] = k8s_expand(str(entry["value"]), env)
+            continue
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if ref["name"] in secrets:
+            env[name] = secrets[ref["name"]][ref["key"]]
+        else:
+            env[name] = outside[name]
+    return env
+
+
+def test_shared_is_off_by_default() -> None:
+    for shape in (DEFAULT, SIDECAR, SIDECAR_POLICY):
+        docs = render(*shape)
+        config = gateway_config(docs)
+        assert "shared" not in config and "admin" not in config
+        assert not any(
+            d["metadata"]["name"].endswith(("-redis", "-shared", "-admin")) for d in docs
+        )
+    container = gateway_container(render())
+    assert [e["name"] for e in container["env"]] == ["AUTHLETE_ACCESS_TOKEN"]
+    assert "checksum/shared" not in pod_annotations(render())
+
+
+@pytest.mark.parametrize("shape", SHARED_SHAPES)
+def test_shared_config_reads_its_secrets_from_the_environment(shape: str) -> None:
+    args = SHARED_SHAPES[shape]
+    docs = render(*args)
+    config = gateway_config(docs)
+    assert config["shared"]["redis_url"] == "${GATEWAY_REDIS_URL}"
+    assert config["shared"]["secret"] == "${GATEWAY_SHARED_SECRET}"
+    if shape == "by-url":
+        assert "admin" not in config
+    else:
+        assert config["admin"] == {"token": "${GATEWAY_ADMIN_TOKEN}"}
+    # Every variable the config references is in the gateway container's environment (the
+    # Deployment's, or in sidecar mode the container NOTES.txt prints).
+    sidecar = "sidecar" in shape
+    env = _notes_container_env(args) if sidecar else env_of(gateway_container(docs))
+    # (references with a default, ${VAR:-x}, may stay unset)
+    referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", gateway_yaml(docs)))
+    assert {"GATEWAY_REDIS_URL", "GATEWAY_SHARED_SECRET"} <= referenced
+    assert referenced <= set(env), referenced - set(env)
+
+
+@pytest.mark.parametrize("shape", ALL_SHAPES)
+def test_no_secret_value_reaches_a_config_map_or_a_pod_spec(shape: str) -> None:
+    args = ALL_SHAPES[shape]
+    docs = render(*args, "--set", "authlete.accessToken=authlete-token-value-xyz")
+    secrets = chart_secrets(docs)
+    values = [v for data in secrets.values() for v in data.values()]
+    assert "authlete-token-value-xyz" in values
+    public = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    for value in values:
+        assert value not in public
+    # Also the plain-text values given to the chart (parts of them, e.g. a URL's password).
+    for given in ("url-p4ssw0rd", "hmac-value-0123", "ci-dummy-shared-secret", "ci-dummy-admin"):
+        assert given not in public
+
+
+def test_shared_by_url_value_goes_through_the_chart_secret() -> None:
+    docs = render(*SHARED_BY_URL)
+    data = chart_secrets(docs)["ci-gateway-shared"]
+    assert data == {
+        "redis-url": "rediss://:url-p4ssw0rd@redis.example:6380/2",
+        "shared-secret": "hmac-value-0123456789abcdef0123456789",
+    }
+    env = env_of(gateway_container(docs))
+    assert env_secret_ref(gateway_container(docs), "GATEWAY_REDIS_URL") == {
+        "name": "ci-gateway-shared",
+        "key": "redis-url",
+    }
+    assert env["GATEWAY_SHARED_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ci-gateway-shared",
+        "key": "shared-secret",
+    }
+    assert "GATEWAY_ADMIN_TOKEN" not in env and "admin" not in gateway_config(docs)
+    # A plain value that changes rolls the pods (the config itself does not change).
+    first = pod_annotations(docs)
+    changed = render(*SHARED_BY_URL, "--set", "shared.redisUrl=redis://other:6379/0")
+    assert pod_annotations(changed)["checksum/shared"] != first["checksum/shared"]
+    assert pod_annotations(changed)["checksum/config"] == first["checksum/config"]
+
+
+def test_shared_by_secret_reference_makes_no_secret() -> None:
+    docs = render(*SHARED_BY_REF)
+    assert "Secret" not in kinds(docs)
+    container = gateway_container(docs)
+    assert [e["name"] for e in container["env"]] == [
+        "AUTHLETE_ACCESS_TOKEN",
+        "GATEWAY_REDIS_URL",
+        "GATEWAY_SHARED_SECRET",
+        "GATEWAY_ADMIN_TOKEN",
+    ]
+    assert env_secret_ref(container, "GATEWAY_REDIS_URL") == {"name": "prod-redis", "key": "url"}
+    assert env_secret_ref(container, "GATEWAY_SHARED_SECRET") == {
+        "name": "prod-hmac",
+        "key": "hmac",
+    }
+    assert env_secret_ref(container, "GATEWAY_ADMIN_TOKEN") == {
+        "name": "prod-admin",
+        "key": "purge",
+    }
+    assert "checksum/shared" not in pod_annotations(docs)
+    shared = gateway_config(docs)["shared"]
+    assert shared == {
+        "redis_url": "${GATEWAY_REDIS_URL}",
+        "secret": "${GATEWAY_SHARED_SECRET}",
+        "key_prefix": "gateway",
+        "local_ttl": 5,
+        "timeout": 0.25,
+        "expected_replicas": 2,
+    }
+
+
+def test_without_a_key_the_chart_generates_one() -> None:
+    docs = render("--set", "shared.enabled=true", "--set", "shared.existingSecret=prod-redis")
+    data = chart_secrets(docs)["ci-gateway-shared"]
+    assert list(data) == ["shared-secret"]  # the URL is the user's
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", data["shared-secret"])  # >= 32 bytes, random
+    assert env_secret_ref(gateway_container(docs), "GATEWAY_SHARED_SECRET") == {
+        "name": "ci-gateway-shared",
+        "key": "shared-secret",
+    }
+    # Generated values are not in the checksum: it would change on every render.
+    assert "checksum/shared" not in pod_annotations(docs)
+
+
+def test_shared_tuning_values_reach_the_config() -> None:
+    docs = render(
+        *SHARED_BY_REF,
+        "--set",
+        "shared.keyPrefix=orders-gw",
+        "--set-json",
+        "shared.localTtl=2.5",
+        "--set-json",
+        "shared.timeout=0.1",
+        "--set-json",
+        "shared.expectedReplicas=7",
+        "--set-json",
+        "shared.fallbackRate=12.5",
+    )
+    shared = gateway_config(docs)["shared"]
+    assert (shared["key_prefix"], shared["local_ttl"], shared["timeout"]) == ("orders-gw", 2.5, 0.1)
+    assert (shared["expected_replicas"], shared["fallback_rate"]) == (7, 12.5)
+
+
+def test_expected_replicas_default_to_the_most_pods_there_can_be() -> None:
+    def expected(*args: str) -> int:
+        value: int = gateway_config(render(*SHARED_BY_REF, *args))["shared"]["expected_replicas"]
+        return value
+
+    assert expected() == 2  # replicaCount
+    assert expected("--set", "replicaCount=5") == 5
+    assert expected("--set", "replicaCount=0") == 1
+    # With the autoscaler: its maximum, so the fleet's fallback never exceeds the rate.
+    assert expected("--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=9") == 9
+    assert gateway_config(render(*FULL))["shared"]["expected_replicas"] == 12
+    # Sidecar: the chart cannot know the application's pods.
+    proc = _helm(*SIDECAR, *SHARED_BY_REF)
+    assert proc.returncode != 0
+    assert "shared.expectedReplicas" in proc.stderr
+    assert gateway_config(render(*SIDECAR_SHARED))["shared"]["expected_replicas"] == 6
+
+
+def test_redis_ca_is_mounted_where_the_config_looks_for_it() -> None:
+    docs = render(*FULL)
+    ca_file = gateway_config(docs)["shared"]["tls"]["ca_file"]
+    mounts = {m["name"]: m for m in gateway_container(docs)["volumeMounts"]}
+    assert mounts["gateway-redis-ca"] == {
+        "name": "gateway-redis-ca",
+        "mountPath": str(Path(ca_file).parent),
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert volumes["gateway-redis-ca"]["secret"] == {
+        "secretName": "edge-redis-ca",
+        "items": [{"key": "ca.pem", "path": Path(ca_file).name}],
+    }
+    # Not below the ConfigMap's read-only mount.
+    assert not ca_file.startswith("/etc/gateway/")
+    assert "gateway-redis-ca" not in {
+        v["name"] for v in pod_spec(render(*SHARED_BY_REF))["volumes"]
+    }
+
+
+@needs_validator
+def test_sidecar_recipe_with_shared_state_is_valid(tmp_path: Path) -> None:
+    values = (*SIDECAR_SHARED, "--set", "shared.tls.caSecret=redis-ca")
+    values = (*values, "--set", "redis.enabled=false", "--set", "shared.existingSecret=r")
+    pod = _sidecar_pod(tmp_path / "chart", values)
+    rendered = tmp_path / "pod.yaml"
+    rendered.write_text(yaml.safe_dump(pod), encoding="utf-8")
+    proc = kubernetes_validate(rendered)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    gateway = pod["spec"]["containers"][0]
+    mounted = {m["name"] for m in gateway["volumeMounts"]}
+    assert mounted <= {v["name"] for v in pod["spec"]["volumes"]}
+    assert "gateway-redis-ca" in mounted
+    assert list(env_of(gateway)) == [
+        "AUTHLETE_ACCESS_TOKEN",
+        "GATEWAY_REDIS_URL",
+        "GATEWAY_SHARED_SECRET",
+        "GATEWAY_ADMIN_TOKEN",
+    ]
+
+
+# ------------------------------------------------------------------------------ admin token
+
+
+def test_admin_token_wiring() -> None:
+    docs = render("--set", "admin.token=given-admin-token-0123456789")
+    assert chart_secrets(docs)["ci-gateway-admin"] == {
+        "admin-token": "given-admin-token-0123456789"
+    }
+    assert env_secret_ref(gateway_container(docs), "GATEWAY_ADMIN_TOKEN") == {
+        "name": "ci-gateway-admin",
+        "key": "admin-token",
+    }
+    assert gateway_config(docs)["admin"] == {"token": "${GATEWAY_ADMIN_TOKEN}"}
+    assert "shared" not in gateway_config(docs)  # a purge without shared state: one pod
+    assert "given-admin-token" not in yaml.safe_dump(one(docs, "ConfigMap"))
+    generated = chart_secrets(render("--set", "admin.generateToken=true"))["ci-gateway-admin"]
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", generated["admin-token"])
+
+
+def test_admin_service_reaches_the_admin_port_of_the_gateway_pods() -> None:
+    assert "ci-gateway-admin" not in [d["metadata"]["name"] for d in render()]
+    docs = render("--set", "admin.generateToken=true", "--set", "ports.admin=9191")
+    service = one(docs, "Service", "ci-gateway-admin")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == pod_selector(docs)
+    assert service["spec"]["ports"] == [
+        {"name": "admin", "port": 9191, "targetPort": "admin", "protocol": "TCP"}
+    ]
+    assert named_port(gateway_container(docs), "admin") == 9191
+    # Not what the ServiceMonitor scrapes, and not in sidecar mode (no gateway pods here).
+    full = render(*FULL)
+    monitor = one(full, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    admin = one(full, "Service", "edge-gateway-admin")
+    assert not monitor.items() <= admin["metadata"]["labels"].items()
+    assert "Service" not in kinds(render(*SIDECAR, "--set", "admin.generateToken=true"))
+
+
+# ------------------------------------------------------------------------------ trial Redis
+
+
+def redis_container(docs: list[Doc]) -> Doc:
+    (container,) = redis_deployment(docs)["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def test_trial_redis_objects() -> None:
+    docs = render(*REDIS)
+    deployment = redis_deployment(docs)
+    assert deployment["metadata"]["name"] == "ci-gateway-redis"
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # The gateway's Deployment, Services, PDB and policy never select the Redis pod.
+    gateway_selector = pod_selector(docs)
+    assert not gateway_selector.items() <= labels.items()
+    for doc in docs:
+        if doc["kind"] == "Service" and not is_redis(doc):
+            assert not doc["spec"]["selector"].items() <= labels.items()
+    service = one(docs, "Service", "ci-gateway-redis")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"] == [
+        {"name": "redis", "port": 6379, "targetPort": "redis", "protocol": "TCP"}
+    ]
+    container = redis_container(docs)
+    assert container["image"] == "docker.io/library/redis:7.4-alpine"
+    assert container["ports"] == [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}]
+    args = container["args"]
+    assert args[args.index("--save") + 1] == ""
+    assert args[args.index("--appendonly") + 1] == "no"
+    assert args[args.index("--maxmemory") + 1] == "400mb"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert "redis-cli -p 6379 ping" in " ".join(container[probe]["exec"]["command"])
+    assert container["resources"]["limits"]["memory"] == "512Mi"
+    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["name"] == "data" and "emptyDir" in volume
+    assert pod["metadata"]["annotations"] == {"example.com/team": "platform"}
+
+
+def test_trial_redis_url_and_password_agree() -> None:
+    docs = render(*REDIS)
+    gateway = env_of(gateway_container(docs))
+    password_ref = gateway["GATEWAY_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password_ref == {"name": "ci-gateway-shared", "key": "redis-password"}
+    assert env_of(redis_container(docs))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == (
+        password_ref
+    )
+    assert gateway["GATEWAY_REDIS_URL"]["value"] == (
+        "redis://:$(GATEWAY_REDIS_PASSWORD)@ci-gateway-redis.ci-ns.svc:6379/0"
+    )
+    # $(VAR) only expands variables defined before it.
+    names = list(gateway)
+    assert names.index("GATEWAY_REDIS_PASSWORD") < names.index("GATEWAY_REDIS_URL")
+    assert re.fullmatch(
+        r"[A-Za-z0-9]{32}", chart_secrets(docs)["ci-gateway-shared"]["redis-password"]
+    )
+    # A password of the user's, from a value or a Secret.
+    given = render(*REDIS, "--set", "redis.auth.password=trial-pass.1")
+    assert chart_secrets(given)["ci-gateway-shared"]["redis-password"] == "trial-pass.1"
+    assert (
+        "checksum/password"
+        in redis_deployment(given)["spec"]["template"]["metadata"]["annotations"]
+    )
+    assert "checksum/shared" in pod_annotations(given)
+    own = render(*REDIS, "--set", "redis.auth.existingSecret=my-redis")
+    assert "redis-password" not in chart_secrets(own)["ci-gateway-shared"]
+    ref = {"name": "my-redis", "key": "redis-password"}
+    assert env_secret_ref(gateway_container(own), "GATEWAY_REDIS_PASSWORD") == ref
+    assert env_of(redis_container(own))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+
+
+def test_trial_redis_without_password() -> None:
+    docs = render(*SIDECAR_SHARED)
+    assert kinds(docs) == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "NetworkPolicy",
+        "Secret",
+        "Secret",
+        "Service",
+    ]
+    container = redis_container(docs)
+    assert "--requirepass" not in container["args"] and "env" not in container
+    assert container["args"][container["args"].index("--protected-mode") + 1] == "no"
+    assert "redis-password" not in chart_secrets(docs)["ci-gateway-shared"]
+    pod = _notes_container_env(SIDECAR_SHARED)
+    assert pod["GATEWAY_REDIS_URL"] == {
+        "name": "GATEWAY_REDIS_URL",
+        "value": "redis://ci-gateway-redis.ci-ns.svc:6379/0",
+    }
+
+
+def _notes_container_env(args: tuple[str, ...]) -> dict[str, Doc]:
+    """The gateway container's env as NOTES.txt prints it for sidecar use."""
+    assert HELM is not None
+    proc = subprocess.run(
+        [HELM, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+         *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout[proc.stdout.index("NOTES:") :]
+    block = notes[notes.index("spec:") : notes.index("Point your Service")]
+    spec: Doc = yaml.safe_load(block)["spec"]
+    return env_of(spec["containers"][0])
+
+
+@pytest.mark.parametrize(
+    ("shape", "gateway_pods"), [("redis", None), ("sidecar-shared", {"app": "orders"})]
+)
+def test_only_the_gateway_pods_reach_the_trial_redis(
+    shape: str, gateway_pods: dict[str, str] | None
+) -> None:
+    docs = render(*SHAPES[shape])
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    redis_policy = policies.pop("ci-gateway-redis")
+    (gateway_policy,) = policies.values()
+    pod_labels = redis_deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    assert redis_policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert redis_policy["policyTypes"] == ["Ingress"]
+    expected_pods = gateway_pods or pod_selector(docs)
+    assert redis_policy["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": expected_pods}}],
+            "ports": [{"port": 6379, "protocol": "TCP"}],
+        }
+    ]
+    # The gateway's own policy selects the same pods and restricts ingress only: their
+    # egress to Redis (and Authlete, upstreams) stays open.
+    assert gateway_policy["podSelector"] == {"matchLabels": expected_pods}
+    assert gateway_policy["policyTypes"] == ["Ingress"]
+    assert "NetworkPolicy" in kinds(docs)
+    off = render(*SHAPES[shape], "--set", "networkPolicy.enabled=false")
+    assert "NetworkPolicy" not in kinds(off)
+
+
+@contextlib.contextmanager
+def chart_redis(docs: list[Doc], tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """A real redis-server run with the trial Redis container's args and environment, on
+    loopback (a free port instead of 6379, `tmp_path` instead of /data): (port, its env)."""
+    server_bin = need_tool("redis-server")
+    container = redis_container(docs)
+    env = resolve_env(container, docs, {})
+    args = [k8s_expand(a, env) for a in container["args"]]
+    port = free_port()
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--dir") + 1] = str(tmp_path)
+    proc = subprocess.Popen(
+        [server_bin, *args, "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc)
+        yield port, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def gateway_env_for(docs: list[Doc], port: int) -> dict[str, str]:
+    """The gateway container's environment, its Redis URL pointed at the local server."""
+    env = resolve_env(gateway_container(docs), docs, {"AUTHLETE_ACCESS_TOKEN": "t"})
+    url = env["GATEWAY_REDIS_URL"]
+    assert url == f"redis://:{env['GATEWAY_REDIS_PASSWORD']}@ci-gateway-redis.ci-ns.svc:6379/0"
+    env["GATEWAY_REDIS_URL"] = url.replace("ci-gateway-redis.ci-ns.svc:6379", f"127.0.0.1:{port}")
+    return env
+
+
+def test_trial_redis_runs_and_the_gateway_url_reaches_it(tmp_path: Path) -> None:
+    """Run the trial Redis as its Deployment says, probe it as the kubelet would, connect
+    with the URL the gateway's environment resolves to, and check the gateway accepts its
+    config with that environment."""
+    need_tool("redis-cli")
+    docs = render(*REDIS)
+    container = redis_container(docs)
+    with chart_redis(docs, tmp_path) as (port, env):
+        assert env["REDISCLI_AUTH"] == env["REDIS_PASSWORD"]
+        probe = [
+            part.replace("6379", str(port))
+            for part in container["readinessProbe"]["exec"]["command"]
+        ]
+        run = subprocess.run(probe, env={**os.environ, **env}, timeout=10, check=False)
+        assert run.returncode == 0
+        no_auth = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+        assert subprocess.run(probe, env=no_auth, timeout=10, check=False).returncode != 0
+
+        gateway_env = gateway_env_for(docs, port)
+        assert gateway_env["GATEWAY_REDIS_PASSWORD"] == env["REDIS_PASSWORD"]
+        client = redis.Redis.from_url(gateway_env["GATEWAY_REDIS_URL"], socket_timeout=5)
+        try:
+            assert client.ping() is True
+            assert client.config_get("save") == {"save": ""}
+            assert client.config_get("appendonly") == {"appendonly": "no"}
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        finally:
+            client.close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=5).ping()
+
+        path = write_config(docs, tmp_path)
+        names = ("GATEWAY_REDIS_URL", "GATEWAY_SHARED_SECRET", "GATEWAY_ADMIN_TOKEN")
+        check = check_config(path, extra_env={k: gateway_env[k] for k in names})
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_a_gateway_with_the_rendered_config_runs_in_shared_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway run` with the ConfigMap's gateway.yaml and the Deployment's environment
+    reaches the trial Redis: ready, and in shared mode."""
+    docs = render(*REDIS)
+    with chart_redis(docs, tmp_path) as (port, _):
+        for name, value in gateway_env_for(docs, port).items():
+            monkeypatch.setenv(name, value)
+        cfg = gateway_config(docs)
+        # No Authlete call is made here; keep it off the network anyway.
+        cfg["authlete"] = {**cfg["authlete"], "base_url": "http://127.0.0.1:9"}
+        cfg["authlete"]["allow_insecure_http"] = True
+        run_dir = tmp_path / "gateway"
+        run_dir.mkdir()
+        async with gateway_run(run_dir, cfg) as gw, aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 10
+            while True:
+                async with session.get(f"{gw.admin_url}/metrics") as resp:
+                    text = await resp.text()
+                if 'gateway_shared_mode{mode="shared"} 1.0' in text:
+                    break
+                assert time.monotonic() < deadline, text + gw.stderr()
+                await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "redis.enabled=true"), "shared.enabled"),
+        (("--set", "shared.enabled=true"), "say where Redis is"),
+        ((*SHARED_BY_URL, "--set", "shared.existingSecret=x"), "only one of"),
+        ((*SHARED_BY_URL, "--set", "redis.enabled=true"), "only one of"),
+        ((*REDIS, "--set", "shared.tls.caSecret=ca"), "does not speak TLS"),
+        (
+            (*SHARED_BY_URL, "--set", "shared.redisUrl=redis://r:6379/0", "--set",
+             "shared.tls.caSecret=ca"),
+            "rediss://",
+        ),
+        ((*SHARED_BY_URL, "--set", "shared.secret.existingSecret=x"), "not both"),
+        (("--set", "admin.generateToken=true", "--set", "admin.existingSecret=x"), "only one of"),
+        ((*REDIS, "--set", "redis.auth.existingSecret=x", "--set", "redis.auth.password=y"),
+         "not both"),
+        ((*SIDECAR, *SHARED_BY_URL), "shared.expectedReplicas"),
+    ],
+)  # fmt: skip
+def test_render_refuses_contradictory_shared_values(args: tuple[str, ...], message: str) -> None:
+    proc = _helm(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("shared.enabled=yes", "enabled"),
+        ("shared.redisUrl=http://redis:6379", "redisUrl"),
+        ("shared.secret.value=too-short", "value"),
+        ("shared.expectedReplicas=0", "expectedReplicas"),
+        ("shared.localTtl=0", "localTtl"),
+        ("shared.tls.caFile=/x", "caFile"),
+        ("shared.keyPrefix=with space", "keyPrefix"),
+        ("admin.token=short", "token"),
+        ("admin.generateToken=yes", "generateToken"),
+        ("redis.auth.password=p@ss", "password"),
+        ("redis.maxmemory=lots", "maxmemory"),
+        ("redis.persistence=true", "persistence"),
+        ("config.shared.redis_url=redis://r:6379", "shared"),
+        ("config.admin.token=plaintext-admin-token", "admin"),
+    ],
+)
+def test_schema_rejects_bad_shared_values(setting: str, message: str) -> None:
+    proc = _helm("--set", setting)
+    assert proc.returncode != 0
+    assert "schema" in proc.stderr
+    assert message in proc.stderr

@@ -17,10 +17,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from gateway.admin import admin_app
+from gateway.config import load_config
 from gateway.emulator import Emulator
-from gateway.workers import merge_expositions
-from tests.conftest import SERVICE_ID, SERVICE_TOKEN
+from gateway.purge import PurgeResult
+from gateway.workers import Supervisor, merge_expositions
+from tests.conftest import SERVICE_ID, SERVICE_TOKEN, make_config, raw_config, start_app
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 
@@ -245,3 +250,210 @@ async def test_workers_divide_the_authlete_budget(
     assert emulator.calls <= 2, (emulator.calls, statuses)
     assert statuses.count(200) == emulator.calls and statuses.count(503) == 20 - emulator.calls
     assert b"each gets authlete.rate_limit rate 0.005/s, burst 1" in err, err[-2000:]
+
+
+# --------------------------------------------------------------------------- POST /cache/purge
+
+ADMIN_TOKEN = "group-admin-secret-0123456789"
+
+
+class FakeWorkers:
+    """A Supervisor's group admin on loopback, with a worker admin app (the real one, its
+    purge recorded) on each worker's socket, answering `results[i]` (None: no worker there)."""
+
+    def __init__(self, url: str, calls: list[list[tuple[str, str]]]) -> None:
+        self.url = url
+        self.calls = calls
+
+
+@contextlib.asynccontextmanager
+async def fake_group(
+    results: list[PurgeResult | None], admin_token: str | None = ADMIN_TOKEN
+) -> AsyncIterator[FakeWorkers]:
+    route = {"name": "r", "path_prefix": "/", "upstream": "http://127.0.0.1:9"}
+    cfg = make_config("http://127.0.0.1:9", [route], admin={"token": admin_token})
+    supervisor = Supervisor(cfg, "/nonexistent.yaml", len(results), "asyncio")
+    runners: list[web.AppRunner] = []
+    calls: list[list[tuple[str, str]]] = []
+    try:
+        for index, result in enumerate(results):
+            seen: list[tuple[str, str]] = []
+            calls.append(seen)
+            if result is None:
+                continue
+
+            async def purge(
+                kind: str, value: str, seen: list[tuple[str, str]] = seen, r: PurgeResult = result
+            ) -> PurgeResult:
+                seen.append((kind, value))
+                return r
+
+            worker = web.AppRunner(
+                admin_app(CollectorRegistry(), list, purge=purge, admin_token=admin_token),
+                access_log=None,
+            )
+            await worker.setup()
+            await web.UnixSite(worker, supervisor.socket_of(index)).start()
+            runners.append(worker)
+        runner, url, _ = await start_app(supervisor._admin_app())
+        runners.append(runner)
+        yield FakeWorkers(url, calls)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        supervisor._remove_sockets()
+
+
+async def _purge(
+    url: str, body: dict[str, object], token: str = ADMIN_TOKEN
+) -> tuple[int, dict[str, object], str | None]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{url}/cache/purge", json=body, headers={"Authorization": f"Bearer {token}"}
+        ) as resp,
+    ):
+        answer = await resp.json(content_type=None) if resp.status != 404 else {}
+        return resp.status, answer, resp.headers.get("Retry-After")
+
+
+LOCAL = PurgeResult(purged=2, fleet=False, shared=False)
+
+
+async def test_the_supervisor_purges_every_worker_and_adds_up() -> None:
+    async with fake_group([LOCAL, PurgeResult(purged=3, fleet=False, shared=False)]) as group:
+        status, answer, _ = await _purge(group.url, {"client_id": "0042"})
+        assert (status, answer) == (200, {"purged": 5, "kind": "client_id", "fleet": False})
+        assert group.calls == [[("client_id", "42")], [("client_id", "42")]]
+
+
+async def test_the_supervisor_checks_the_request_itself() -> None:
+    async with fake_group([LOCAL, LOCAL]) as group:
+        status, answer, _ = await _purge(group.url, {"token": "abc"}, token="wrong")
+        assert status == 401
+        status, answer, _ = await _purge(group.url, {"token": "abc", "subject": "x"})
+        assert (status, answer["error"]) == (400, "several_kinds")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{group.url}/cache/purge") as resp,
+        ):
+            assert resp.status == 405
+        assert group.calls == [[], []]  # no worker was bothered
+    async with fake_group([LOCAL, LOCAL], admin_token=None) as group:
+        status, _, _ = await _purge(group.url, {"token": "abc"})
+        assert status == 404
+
+
+async def test_the_group_answers_503_when_a_worker_did_not_purge() -> None:
+    async with fake_group([LOCAL, None, LOCAL]) as group:  # worker 1 is not there (restarting)
+        status, answer, retry = await _purge(group.url, {"subject": "alice"})
+        assert status == 503 and retry == "1"
+        assert answer == {
+            "error": "workers_failed",
+            "detail": "1 of 3 workers did not purge",
+            "failed": 1,
+            "workers": 3,
+            "purged": 4,
+            "kind": "subject",
+            "fleet": False,
+        }
+        assert group.calls == [[("subject", "alice")], [], [("subject", "alice")]]
+
+
+async def test_the_group_relays_shared_state_unreachable() -> None:
+    fleet = PurgeResult(purged=1, fleet=True, shared=True)
+    down = PurgeResult(purged=1, fleet=False, shared=True)
+    async with fake_group([fleet, fleet]) as group:
+        status, answer, _ = await _purge(group.url, {"token_sha256": "A" * 64})
+        assert (status, answer) == (200, {"purged": 2, "kind": "token_sha256", "fleet": True})
+        assert group.calls[0] == [("token_sha256", "a" * 64)]
+    async with fake_group([fleet, down]) as group:
+        status, answer, retry = await _purge(group.url, {"token": "abc"})
+        assert (status, retry) == (503, "1")
+        assert answer == {
+            "error": "shared_unavailable",
+            "purged": 2,
+            "kind": "token",
+            "fleet": False,
+        }
+
+
+def test_the_supervisor_takes_the_admin_token_of_a_reloaded_file(tmp_path: Path) -> None:
+    route = {"name": "r", "path_prefix": "/", "upstream": "http://127.0.0.1:9"}
+    raw = raw_config("http://127.0.0.1:9", [route], admin={"token": ADMIN_TOKEN})
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    supervisor = Supervisor(load_config(path), str(path), 2, "asyncio")
+    try:
+        assert supervisor._admin_token == ADMIN_TOKEN
+        path.write_text(yaml.safe_dump({**raw, "admin": {"token": "b" * 32}}))
+        supervisor._reload()
+        assert supervisor._admin_token == "b" * 32
+        path.write_text("listen: [")  # a file that does not load keeps the token in force
+        supervisor._reload()
+        assert supervisor._admin_token == "b" * 32
+        path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "admin"}))
+        supervisor._reload()
+        assert supervisor._admin_token is None
+    finally:
+        supervisor._remove_sockets()
+
+
+async def test_a_purge_reaches_every_worker(
+    tmp_path: Path, upstream: str, emulator: Emulator
+) -> None:
+    """A token cached by both workers, revoked at Authlete: one purge on the group's admin
+    listener and neither worker accepts it any more."""
+    port, admin = _free_port(), _free_port()
+    token = "purged-in-every-worker"
+    emulator.add_token(token, subject="mallory", client_id=99)
+    cfg = raw_config(emulator.base_url, [{"name": "api", "path_prefix": "/", "upstream": upstream}])
+    cfg.update(
+        listen=f"127.0.0.1:{port}",
+        admin_listen=f"127.0.0.1:{admin}",
+        log={"access": False},
+        admin={"token": ADMIN_TOKEN},
+    )
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "-c", str(path), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    admin_url = f"http://127.0.0.1:{admin}"
+
+    async def status_once() -> int:  # a connection each: the kernel picks the worker
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {token}", "Connection": "close"}
+            async with session.get(f"http://127.0.0.1:{port}/x", headers=headers) as resp:
+                return resp.status
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(150):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{admin_url}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("worker group never became ready")
+        for _ in range(200):  # until each worker has asked Authlete once
+            assert await status_once() == 200
+            if emulator.calls_for(token) == 2:
+                break
+        else:
+            pytest.skip("the kernel sent every connection to one worker")
+        emulator.revoke(token)
+        status, answer, _ = await _purge(admin_url, {"subject": "mallory"})
+        assert (status, answer) == (200, {"purged": 2, "kind": "subject", "fleet": False})
+        assert [await status_once() for _ in range(20)] == [401] * 20
+        async with aiohttp.ClientSession() as session:
+            metrics = await _metrics(session, admin_url)
+        assert metrics['gateway_cache_purges_total{kind="subject"}'] == 2  # one per worker
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert err.decode().count("cache purge: kind=subject, 1 entries") == 2, err[-2000:]
+    assert token not in err.decode()
