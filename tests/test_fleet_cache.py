@@ -9,9 +9,11 @@ Authlete is tested elsewhere). The whole gateway as subprocesses is in test_flee
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,8 @@ from gateway.metrics import Metrics
 from gateway.shared import Store, service_namespace
 from gateway.verdict import Active, Inactive, Verdict
 from gateway.verdicts import Verdicts
-from tests.conftest import RedisServer, wait_until
+from tests.certs import issue, make_ca
+from tests.conftest import RedisServer, free_port, need_tool, start_redis, wait_until
 
 SECRET = b"k" * 32
 SERVICE = service_namespace("https://authlete.test", "715948317")
@@ -436,3 +439,82 @@ async def test_introspection_errors_reach_every_waiter_and_release_the_lock(
         await v1.lookup("tok")
     assert time.monotonic() - started < 0.5
     assert calls == 2
+
+
+# --------------------------------------------------------------------------- how to reach Redis
+
+
+async def _round_trip(cfg: SharedConfig) -> bool:
+    store = Store(cfg, Metrics(), service=SERVICE)
+    try:
+        await store.start()
+        if not store.shared:
+            return False
+        await store.call("set", lambda r: r.set(store.key("probe", "x"), b"1", px=1000))
+        return bool(await store.call("get", lambda r: r.get(store.key("probe", "x"))))
+    finally:
+        await store.close()
+
+
+async def test_unix_socket_url(tmp_path: Path) -> None:
+    with start_redis(unix_socket=str(tmp_path / "redis.sock")) as server:
+        assert server.unix_url is not None
+        cfg = SharedConfig(redis_url=server.unix_url, secret=SECRET, timeout=1.0)
+        assert await _round_trip(cfg)
+
+
+async def test_password_and_acl_user_from_the_url(redis_server: RedisServer) -> None:
+    redis_server.cli("ACL", "SETUSER", "gw", "on", ">pw-for-gw", "~*", "&*", "+@all")
+    port = redis_server.port
+    good = SharedConfig(redis_url=f"redis://gw:pw-for-gw@127.0.0.1:{port}/0", secret=SECRET)
+    assert await _round_trip(good)
+    wrong = SharedConfig(redis_url=f"redis://gw:wrong@127.0.0.1:{port}/0", secret=SECRET)
+    assert not await _round_trip(wrong)  # refused: fallback mode, never a crash
+
+
+async def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    need_tool("redis-server")
+    ca = make_ca(tmp_path, "redis-ca")
+    leaf = issue(ca, tmp_path, "redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(leaf.cert),
+            "--tls-key-file",
+            str(leaf.key),
+            "--tls-ca-cert-file",
+            str(ca.cert),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        cfg = SharedConfig(redis_url=url, secret=SECRET, ca_file=str(ca.cert), timeout=1.0)
+        for _ in range(100):  # until it listens
+            if await _round_trip(cfg):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no TLS round trip with the private CA")
+        # Without the CA, the server's certificate is not trusted: fallback, not a connection.
+        assert not await _round_trip(replace(cfg, ca_file=None))
+    finally:
+        proc.terminate()
+        proc.wait(10)
