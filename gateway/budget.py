@@ -140,6 +140,11 @@ class _Bucket:
         self.cap = cap
         self.cap_until = until
 
+    def lower_to(self, left: int, now: float) -> None:
+        """Authlete's bucket holds only `left`: so does this one, refilling as it does."""
+        self.refill(now)
+        self.tokens = min(self.tokens, float(left))
+
 
 class Budget:
     """The Authlete call budget of one process.
@@ -436,15 +441,20 @@ class Budget:
         remaining = _number(headers.get("X-RateLimit-Remaining"))
         reset = self._reset_in(headers.get("X-RateLimit-Reset"), now)
         left: int | None = None
+        refilling = False
         if remaining is not None and remaining >= 0 and reset is not None:
             left = math.floor(remaining)
+            refilling = rate is not None and _refills(left, reset, rate, self.burst)
             # Calls still in flight were sent after this answer was counted.
-            self._local.learn_remaining(max(0, left - self._in_flight), now + reset, now)
+            if refilling:
+                self._local.lower_to(max(0, left - self._in_flight), now)
+            else:
+                self._local.learn_remaining(max(0, left - self._in_flight), now + reset, now)
         fleet = self._fleet
         if fleet is not None and fleet.active:
             if left is not None:
                 fleet.trim(left - self._in_flight)
-            fleet.learn(rate, left, reset, permit, self._in_flight)
+            fleet.learn(rate, left, reset, permit, self._in_flight, refilling)
 
     def _reset_in(self, value: str | None, now: float) -> float | None:
         seconds = _number(value)
@@ -652,6 +662,13 @@ def _live(waiters: collections.deque[asyncio.Future[int]], most: int) -> int:
             if count >= most:
                 break
     return count
+
+
+def _refills(left: int, reset: float, limit: float, burst: float) -> bool:
+    """Whether Remaining/Reset describe a token bucket refilling at `limit` per second: Reset
+    is the time until the bucket is full again (whole seconds, rounded up). Then Remaining is
+    its level now, not a quota held until Reset."""
+    return abs(reset - (burst - left) / limit) <= 1.0
 
 
 def _number(value: str | None) -> float | None:

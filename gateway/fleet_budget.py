@@ -186,8 +186,13 @@ if ARGV[5] ~= '' then
   local ahead = tonumber(ARGV[8])
   local own = tonumber(ARGV[7])
   if own >= 0 and b.seq >= own then ahead = math.max(ahead, b.seq - own) end
-  b.cap = math.max(0, math.floor(tonumber(ARGV[5])) - ahead)
-  b.cap_until = now + tonumber(ARGV[6])
+  local left = math.max(0, math.floor(tonumber(ARGV[5])) - ahead)
+  if tonumber(ARGV[6]) < 0 then
+    if left < b.tokens then b.tokens = left end
+  else
+    b.cap = left
+    b.cap_until = now + tonumber(ARGV[6])
+  end
 end
 save()
 return state(0, 0, 0)
@@ -373,8 +378,11 @@ class FleetBucket:
         reset: float | None,
         own: int,
         in_flight: int,
+        refilling: bool = False,
     ) -> None:
-        """Write what an answer's rate-limit headers say to the bucket, in the background."""
+        """Write what an answer's rate-limit headers say to the bucket, in the background.
+        `refilling`: Remaining is the level of a bucket that refills (see budget._refills),
+        so it lowers the tokens; otherwise it caps them until Reset."""
         if rate is not None:
             rate = min(rate, self.configured_rate)
         if rate is None and remaining is None:
@@ -385,7 +393,7 @@ class FleetBucket:
             *self._common,
             "" if rate is None else f"{rate:.17g}",
             "" if remaining is None or reset is None else str(remaining),
-            "0" if reset is None else str(math.ceil(reset * 1000)),
+            "-1" if refilling else "0" if reset is None else str(math.ceil(reset * 1000)),
             str(own),
             str(in_flight),
         )

@@ -1052,3 +1052,40 @@ async def test_unit_learns_from_every_answer(status: int) -> None:
     with contextlib.suppress(CallFailed):
         await b.call(send, clock.mono() + 5)
     assert b.tokens == 7  # what Authlete said is left, whatever the status
+
+
+def test_unit_a_refilling_bucket_is_followed_not_waited_out() -> None:
+    """Limit, Remaining and a Reset that is the time to refill the burst at Limit per second
+    describe a token bucket (Authlete's, and the emulator's): the gateway's bucket is lowered
+    to Remaining and refills at Limit, instead of holding back until Reset."""
+    clock = Clock()
+    b = budget(clock)  # rate 100, burst 200
+    b.learn({"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "2"})
+    assert b.tokens == 0
+    clock.advance(0.05)
+    assert b.tokens == pytest.approx(5)  # refilling, not held at 0 for 2 s
+    # Remaining 3 with Reset 2: also a bucket ((200 - 3) / 100 = 1.97, rounded up to 2).
+    b.learn({"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "3", "X-RateLimit-Reset": "2"})
+    assert b.tokens == pytest.approx(3)
+    clock.advance(1.0)
+    assert b.tokens == pytest.approx(103)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "2"},  # no Limit: a quota
+        {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "10"},
+        {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "150", "X-RateLimit-Reset": "30"},
+    ],
+)
+def test_unit_other_headers_still_cap_until_reset(headers: dict[str, str]) -> None:
+    """A Reset that is not the time to refill (a fixed window, say), or no Limit to tell:
+    Remaining caps the calls until Reset, as before."""
+    clock = Clock()
+    b = budget(clock)
+    b.learn(headers)
+    capped = float(headers["X-RateLimit-Remaining"])
+    assert b.tokens == capped
+    clock.advance(1.5)
+    assert b.tokens == capped

@@ -392,3 +392,20 @@ async def test_redis_full_falls_back_and_returns(redis_server: RedisServer) -> N
         for _ in range(20):
             await b.acquire(soon())
         assert int(f.field("seq")) >= 20
+
+
+async def test_a_refilling_authlete_bucket_lowers_the_shared_one_without_holding_it(
+    redis_server: RedisServer,
+) -> None:
+    """Limit, Remaining and a Reset that is the time to refill describe Authlete's bucket:
+    the fleet's bucket drops to Remaining and refills at Limit, with no cap held until Reset."""
+    async with fleet(redis_server, 2, {"rate": 100, "burst": 200, "max_wait": 1}) as f:
+        a, b = f.budgets
+        a.learn(
+            {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "2"}
+        )
+        await wait_until(lambda: float(f.field("tokens") or 200) < 5, 2.0, "the bucket lowered")
+        assert f.field("cap") == ""
+        started = time.monotonic()
+        await b.acquire(soon())  # the next permit comes at 100/s, not after Reset
+        assert time.monotonic() - started < 0.5
