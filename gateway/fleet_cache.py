@@ -36,8 +36,9 @@ _VERSION = b"1"
 _SKEW = 1.0  # seconds of wall-clock difference tolerated between replicas
 LOCK_TTL = 1.0  # a dead holder's lock is taken over after this; a live holder renews it
 
-# -> {status, value, epoch[, lock ms left]}: 1 fresh value; 2 lock taken (value: a stale one or
-# ''); 3 held by another replica (value likewise), with how long its lock has left
+# -> {status, value, purge count, lock ms left, Redis time ms}: 1 fresh value; 2 lock taken
+# (value: a stale one or ''); 3 held by another replica (value likewise; and how long its lock
+# has left)
 _GET_OR_LOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -46,16 +47,17 @@ local epoch = redis.call('GET', KEYS[3]) or '0'
 if v then
   local bar = string.find(v, '|', 1, true)
   local fresh = bar and tonumber(string.sub(v, 1, bar - 1)) or 0
-  if fresh and fresh > now then return {1, v, epoch} end
+  if fresh and fresh > now then return {1, v, epoch, 0, now} end
 end
-if ARGV[3] == '0' then return {3, v or '', epoch, 0} end
+if ARGV[3] == '0' then return {3, v or '', epoch, 0, now} end
 local got = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-if got then return {2, v or '', epoch} end
-return {3, v or '', epoch, redis.call('PTTL', KEYS[2])}
+if got then return {2, v or '', epoch, 0, now} end
+return {3, v or '', epoch, redis.call('PTTL', KEYS[2]), now}
 """
 
 # KEYS: value, lock, purge markers of the token, subject and client (the token's again when
-# there is none), index... ARGV: sealed value, px, owner, epoch seen, hex, channel.
+# there is none), index... ARGV: sealed value, px, owner, Redis time (ms) the call began, hex,
+# channel.
 # A verdict is not stored when its token, subject or client was purged after the call began.
 _PUT = """
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
@@ -63,7 +65,7 @@ local seen = tonumber(ARGV[4])
 local fresh = true
 for i = 3, 5 do
   local purged = redis.call('GET', KEYS[i])
-  if purged and tonumber(purged) > seen then fresh = false end
+  if purged and tonumber(purged) >= seen then fresh = false end
 end
 if fresh then
   local px = tonumber(ARGV[2])
@@ -91,24 +93,26 @@ end
 return 1
 """
 
-# KEYS: epoch, purge marker, value; ARGV: channel, message, marker px
+# KEYS: purge count, purge marker (set to Redis's time), value; ARGV: channel, message, marker px
 _PURGE_KEY = """
 local n = redis.call('DEL', KEYS[3])
-local epoch = redis.call('INCR', KEYS[1])
-redis.call('SET', KEYS[2], epoch, 'PX', ARGV[3])
+redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+redis.call('SET', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
 
-# KEYS: epoch, purge marker, index; ARGV: value key prefix, channel, message, marker px
+# KEYS: purge count, purge marker, index; ARGV: value key prefix, channel, message, marker px
 _PURGE_INDEX = """
 local n = 0
 for _, hex in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   n = n + redis.call('DEL', ARGV[1] .. hex)
 end
 redis.call('DEL', KEYS[3])
-local epoch = redis.call('INCR', KEYS[1])
-redis.call('SET', KEYS[2], epoch, 'PX', ARGV[4])
+redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+redis.call('SET', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[4])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return n
 """
@@ -130,7 +134,7 @@ class Sealed:
 class Lookup:
     status: int  # FRESH, LOCKED (this replica now holds the token's lock) or HELD
     found: Sealed | None  # FRESH: the verdict; otherwise a stale one, if any
-    epoch: bytes
+    started: int  # Redis's clock (ms) at the lookup: a purge marker past it is a later purge
     lock_left: float = LOCK_TTL  # HELD: seconds until the holder's lock lapses unless renewed
 
 
@@ -229,8 +233,9 @@ class FleetCache:
         reply = await self.store.call(
             "get", lambda r: self._get_or_lock(keys=keys, args=args, client=r)
         )
-        status, value, epoch = reply[:3]
-        lock_left = int(reply[3]) / 1000 if len(reply) > 3 and int(reply[3]) > 0 else LOCK_TTL
+        status, value, epoch, left_ms, started = reply
+        lock_left = int(left_ms) / 1000 if int(left_ms) > 0 else LOCK_TTL
+        started = int(started)
         self.epoch = epoch
         found = self.open(key, value, time.time()) if value else None
         status = int(status)
@@ -238,13 +243,13 @@ class FleetCache:
             # A value that fails its check (or this replica's clock) is a miss: take the lock
             # as a miss would.
             if not lock:
-                return Lookup(HELD, found, epoch)
-            return await self._lock_only(found, hexkey, epoch)
+                return Lookup(HELD, found, started)
+            return await self._lock_only(found, hexkey, started)
         if status == LOCKED:
             self._hold(keys[1])
-        return Lookup(status, found, epoch, lock_left)
+        return Lookup(status, found, started, lock_left)
 
-    async def _lock_only(self, found: Sealed | None, hexkey: str, epoch: bytes) -> Lookup:
+    async def _lock_only(self, found: Sealed | None, hexkey: str, started: int) -> Lookup:
         lock_key = self.store.key("l", hexkey)
         got = await self.store.call(
             "lock",
@@ -252,14 +257,14 @@ class FleetCache:
         )
         if got:
             self._hold(lock_key)
-            return Lookup(LOCKED, found, epoch)
-        return Lookup(HELD, found, epoch)
+            return Lookup(LOCKED, found, started)
+        return Lookup(HELD, found, started)
 
     async def put(
-        self, key: bytes, verdict: Verdict, fresh_for: float, keep_for: float, epoch: bytes
+        self, key: bytes, verdict: Verdict, fresh_for: float, keep_for: float, started: int
     ) -> bool:
         """Store a verdict this replica fetched while holding the lock (released here), unless
-        a purge came since `epoch`. True when stored."""
+        the token, its subject or its client was purged since `started`. True when stored."""
         hexkey = key.hex()
         lock_key = self.store.key("l", hexkey)
         self._held.discard(lock_key)
@@ -275,7 +280,7 @@ class FleetCache:
             if subject is not None:
                 keys.append(self.store.key("s", subject))
             keys.append(self.store.key("c", verdict.client_id))
-        args: list[Any] = [value, max(1, int(keep_for * 1000)), self.owner, epoch, hexkey]
+        args: list[Any] = [value, max(1, int(keep_for * 1000)), self.owner, started, hexkey]
         args.append(self.store.channel)
         stored = await self.store.call("store", lambda r: self._put(keys=keys, args=args, client=r))
         return bool(stored)

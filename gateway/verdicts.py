@@ -331,7 +331,7 @@ class Verdicts:
         fresh, keep = self._lifetimes(verdict)
         if keep > 0:
             with contextlib.suppress(StoreDown):  # the verdict stands; only the fleet misses it
-                await fleet.put(key, verdict, fresh, keep, look.epoch)
+                await fleet.put(key, verdict, fresh, keep, look.started)
         else:
             await fleet.unlock(key)
         if self._may_keep(key, verdict, epoch):

@@ -166,7 +166,7 @@ async def test_get_or_lock_gives_the_lock_to_one_replica(redis_server: RedisServ
     looks = await asyncio.gather(*(f.get_or_lock(key) for f in fleets))
     assert sorted(look.status for look in looks) == [LOCKED, HELD, HELD]
     holder = fleets[[look.status for look in looks].index(LOCKED)]
-    assert await holder.put(key, active(), 60, 60, looks[0].epoch)
+    assert await holder.put(key, active(), 60, 60, looks[0].started)
     for fleet in fleets:
         look = await fleet.get_or_lock(key)
         assert look.status == FRESH and look.found is not None
