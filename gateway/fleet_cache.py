@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,22 @@ _MARKER_TTL = 120.0  # a purge marker outlives any call that began before the pu
 FRESH, LOCKED, HELD = 1, 2, 3
 
 
+class Watch:
+    """A waiter's ear on one token's lock: `done` is set when the holder says it is done (and
+    cleared by the waiter before it waits again); `released` stays true once it has."""
+
+    __slots__ = ("done", "released")
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.released = False
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), timeout)
+        self.done.clear()
+
+
 @dataclass(frozen=True, slots=True)
 class Sealed:
     """A verdict read back from Redis, its HMAC checked."""
@@ -159,7 +176,7 @@ class FleetCache:
         self._epoch_key = store.key("epoch", "purge")
         self._held: set[str] = set()  # lock keys this process holds
         self._renewer: asyncio.Task[None] | None = None
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[Watch]] = {}
         self.epoch = b"0"  # the purge epoch last seen
         store.on_event(self._on_event)
 
@@ -314,21 +331,21 @@ class FleetCache:
         args: list[Any] = [self.owner, int(LOCK_TTL * 1000)]
         await self.store.call("renew", lambda r: self._renew(keys=keys, args=args, client=r))
 
-    async def wait(self, key: bytes, timeout: float) -> bool:
-        """Until the holder of `key`'s lock announces it is done (True), or `timeout`."""
+    @contextlib.contextmanager
+    def watch(self, key: bytes) -> Iterator[Watch]:
+        """Hear, for as long as the block lasts, when the holder of `key`'s lock says it is
+        done, also between two waits (while the waiter reads Redis again)."""
         hexkey = key.hex()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(hexkey, []).append(waiter)
+        watch = Watch()
+        self._waiters.setdefault(hexkey, []).append(watch)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, timeout)
-            return waiter.done() and not waiter.cancelled()
+            yield watch
         finally:
-            waiters = self._waiters.get(hexkey)
-            if waiters is not None:
+            watchers = self._waiters.get(hexkey)
+            if watchers is not None:
                 with contextlib.suppress(ValueError):
-                    waiters.remove(waiter)
-                if not waiters:
+                    watchers.remove(watch)
+                if not watchers:
                     del self._waiters[hexkey]
 
     # ------------------------------------------------------------------ purges
@@ -365,9 +382,9 @@ class FleetCache:
     # ------------------------------------------------------------------ events
     def _on_event(self, kind: str, payload: str) -> None:
         if kind == "f":
-            for waiter in self._waiters.pop(payload, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
+            for watch in self._waiters.get(payload, ()):
+                watch.done.set()
+                watch.released = True
 
     def close(self) -> None:
         self._held.clear()

@@ -275,42 +275,46 @@ class Verdicts:
         or, while another replica holds it, that replica's once stored. StoreDown before any
         Authlete call lets the caller go on alone."""
         epoch = self._epoch
-        waited = released = False
-        while True:
-            look = await fleet.get_or_lock(key, lock=priority is not Priority.SPARE)
-            found = look.found
-            if look.status == FRESH and found is not None:
-                verdict = found.verdict
-                flight.result = (
-                    "shared_hit" if isinstance(verdict, Active) else "shared_negative_hit"
-                )
-                if self._may_keep(key, verdict, epoch):
-                    self._keep_local(key, verdict, found.fresh_until)
-                if isinstance(verdict, Active) and self._due(found.fresh_until, verdict):
-                    self._refresh_shared(token, key)
-                return verdict
-            if found is not None and isinstance(found.verdict, Active):
-                self.cache.put_stale(key, found.verdict)  # for stale-if-error, if it comes to it
-            if look.status == LOCKED:
-                if waited and not released:  # the holder never said it was done
-                    self._metrics.shared_lock_takeovers.inc()
-                return await self._call_locked(fleet, key, token, deadline, flight, priority, look)
-            if priority is Priority.SPARE:
-                raise IntrospectionError("budget", "a refresh is already under way")
-            if not waited:
-                waited = True
-                self._metrics.shared_lock_waits.inc()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise IntrospectionError(
-                    "timeout",
-                    "another replica's introspection of this token did not end in time",
-                    retry_after=1.0,
-                )
-            # Woken by the holder's "done"; else it re-reads when the lock would lapse (a live
-            # holder renews it meanwhile), so a dead holder is taken over within LOCK_TTL.
-            pause = min(remaining, look.lock_left + _LOCK_SLACK)
-            released = await fleet.wait(key, pause) or released
+        waited = False
+        with fleet.watch(key) as watch:  # from before the first read: no notice is missed
+            while True:
+                look = await fleet.get_or_lock(key, lock=priority is not Priority.SPARE)
+                found = look.found
+                if look.status == FRESH and found is not None:
+                    verdict = found.verdict
+                    flight.result = (
+                        "shared_hit" if isinstance(verdict, Active) else "shared_negative_hit"
+                    )
+                    if self._may_keep(key, verdict, epoch):
+                        self._keep_local(key, verdict, found.fresh_until)
+                    if isinstance(verdict, Active) and self._due(found.fresh_until, verdict):
+                        self._refresh_shared(token, key)
+                    return verdict
+                if found is not None and isinstance(found.verdict, Active):
+                    # for stale-if-error, if it comes to it
+                    self.cache.put_stale(key, found.verdict)
+                if look.status == LOCKED:
+                    if waited and not watch.released:  # the holder never said it was done
+                        self._metrics.shared_lock_takeovers.inc()
+                    return await self._call_locked(
+                        fleet, key, token, deadline, flight, priority, look
+                    )
+                if priority is Priority.SPARE:
+                    raise IntrospectionError("budget", "a refresh is already under way")
+                if not waited:
+                    waited = True
+                    self._metrics.shared_lock_waits.inc()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise IntrospectionError(
+                        "timeout",
+                        "another replica's introspection of this token did not end in time",
+                        retry_after=1.0,
+                    )
+                # Woken by the holder's "done"; else it re-reads when the lock would lapse (a
+                # live holder renews it meanwhile): a dead holder is taken over within LOCK_TTL.
+                pause = min(remaining, look.lock_left + _LOCK_SLACK)
+                await watch.wait(pause)
 
     async def _call_locked(
         self,
