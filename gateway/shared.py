@@ -116,7 +116,7 @@ class Store:
     async def start(self) -> None:
         """Connect, or start in fallback: a gateway starts and serves without Redis."""
         try:
-            await self.call("ping", lambda r: r.ping())
+            await self._probe_once()
         except StoreDown as exc:
             log.warning(
                 "shared state unreachable at start (%s): serving in fallback mode",
@@ -211,7 +211,7 @@ class Store:
                 with contextlib.suppress(Exception):
                     await client.connection_pool.disconnect()
             try:
-                await self.call("ping", lambda r: r.ping())
+                await self._probe_once()
             except StoreDown:
                 continue
             # Subscribe first: no event published from here on may be missed.
@@ -227,6 +227,12 @@ class Store:
             self._set_gauge()
             log.info("shared state reachable again: shared mode", extra=_ALWAYS)
             return
+
+    async def _probe_once(self) -> None:
+        """A write, not a PING: a Redis that is full (out of memory) still answers PING but
+        refuses the writes the fleet needs, and must keep the process in fallback."""
+        key = self.key("probe", "alive")
+        await self.call("ping", lambda r: r.set(key, b"1", px=1000))
 
     async def _subscribe(self) -> bool:
         """Start the event listener; True once Redis confirmed the subscription."""

@@ -387,6 +387,11 @@ async def test_redis_full_falls_back_and_returns(redis_server: RedisServer) -> N
         assert sample(store, "gateway_shared_errors_total", kind="full") >= 1
         with pytest.raises(CallFailed):  # the fallback bucket is spent: never open
             await b.acquire(time.monotonic() + 0.05)
+        # A full Redis still answers PING; the probe writes, so the process stays in fallback
+        # instead of flapping back to shared mode every probe.
+        await asyncio.sleep(1.2)
+        assert not store.shared
+        assert sample(store, "gateway_shared_errors_total", kind="full") >= 2
         redis_server.cli("CONFIG", "SET", "maxmemory", "0")
         await wait_until(lambda: store.shared, 5.0, "shared mode again")
         for _ in range(20):
