@@ -21,7 +21,7 @@ import uvloop
 import yaml
 
 from gateway.cache import token_key
-from gateway.config import Upstream, parse_config
+from gateway.config import Route, parse_config
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.pipeline import Plan
@@ -96,8 +96,8 @@ async def measure(count: int, log: AccessLog | None, profile: bool) -> None:
     metrics = Metrics()
     pools: dict[object, Pool] = {}
 
-    def pool_for(upstream: Upstream) -> Pool:
-        return pools.setdefault(upstream, Pool(upstream, None))
+    def pool_for(route: Route) -> Pool:
+        return pools.setdefault(route.upstream, Pool(route.upstream, None))
 
     async def no_calls(*args: object) -> Any:
         raise AssertionError("every request is a cache hit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import ssl
 import time
@@ -18,12 +19,13 @@ import aiohttp
 from aiohttp import web
 
 from gateway.admin import admin_app
+from gateway.balance import Balancer, Resolve, is_address, system_resolve
 from gateway.budget import Budget
-from gateway.config import Config, ConfigError, Upstream, load_config, share_budget
+from gateway.config import Config, ConfigError, Route, Upstream, load_config, share_budget
 from gateway.fleet_cache import FleetCache
 from gateway.introspection import IntrospectionError, Introspector
 from gateway.logs import AccessLog
-from gateway.metrics import Metrics
+from gateway.metrics import EndpointCounts, Metrics
 from gateway.pipeline import Plan
 from gateway.server import Listener
 from gateway.shared import Store, service_namespace
@@ -34,7 +36,7 @@ from gateway.tls import (
     server_context,
     upstream_context,
 )
-from gateway.upstream import Pool
+from gateway.upstream import EndpointStats, Pool
 from gateway.verdicts import Verdicts
 
 log = logging.getLogger("gateway")
@@ -66,6 +68,9 @@ class Gateway:
         self.budget = self._new_budget(cfg)
         self.metrics.budget_tokens.set_function(lambda: self.budget.tokens)
         self.pools: dict[object, Pool] = {}
+        self.endpoint_stats: dict[Upstream, EndpointStats] = {}
+        self.resolve: Resolve = system_resolve  # host name -> addresses (a seam for tests)
+        self.metrics.watch_endpoints(self._endpoint_counts)
         self._upstream_tls: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
         self._listener: Listener | None = None
@@ -196,12 +201,46 @@ class Gateway:
         assert self._verdicts is not None, "Gateway.start() first"
         return self._verdicts
 
-    def _pool_for(self, upstream: Upstream) -> Pool:
-        """One pool per origin, kept across reloads."""
-        pool = self.pools.get(upstream)
-        if pool is None:
-            pool = self.pools[upstream] = Pool(upstream, self._upstream_tls)
-        return pool
+    def _pool_for(self, route: Route) -> Pool:
+        """One pool per origin (a Balancer per list of endpoints or host name: it resolves
+        the name), kept across reloads."""
+        cfg = self.cfg
+        max_age = cfg.upstream_max_connection_age
+        endpoints = route.endpoints
+        if len(endpoints) == 1 and is_address(endpoints[0].host):
+            upstream = endpoints[0]
+            pool = self.pools.get(upstream)
+            if pool is None:
+                pool = self.pools[upstream] = Pool(
+                    upstream, self._upstream_tls, stats=self._stats_for(upstream)
+                )
+            pool.max_age = max_age or math.inf
+            return pool
+        key = (endpoints, route.balance)
+        balancer = self.pools.get(key)
+        if isinstance(balancer, Balancer):
+            balancer.configure(cfg.upstream_dns_ttl, max_age)
+            return balancer
+        balancer = self.pools[key] = Balancer(
+            endpoints,
+            self._upstream_tls,
+            route.balance,
+            self._stats_for,
+            resolve=self.resolve,
+            dns_ttl=cfg.upstream_dns_ttl,
+            max_age=max_age,
+        )
+        return balancer
+
+    def _stats_for(self, upstream: Upstream) -> EndpointStats:
+        stats = self.endpoint_stats.get(upstream)
+        if stats is None:
+            stats = self.endpoint_stats[upstream] = EndpointStats()
+        return stats
+
+    def _endpoint_counts(self) -> list[EndpointCounts]:
+        stats = self.endpoint_stats.items()
+        return [(u.origin, s.requests, s.failures, s.ejections) for u, s in stats]
 
     # ------------------------------------------------------------------ reload
     def reload(self, path: str) -> bool:

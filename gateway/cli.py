@@ -65,19 +65,67 @@ def _parser() -> argparse.ArgumentParser:
     _loop_option(demo)
     demo.set_defaults(handler=_cmd_demo)
 
-    emu = sub.add_parser("emulator", help="run the Authlete introspection emulator alone")
-    emu.add_argument("--listen", default="127.0.0.1:18400", help="host:port (default %(default)s)")
-    emu.add_argument("--service-id", default="715948317")
+    emu = sub.add_parser(
+        "emulator",
+        help="run the Authlete introspection emulator alone",
+        description="Serve an emulation of Authlete's POST /api/{serviceId}/auth/introspection\n"
+        "for tests, benchmarks and trying the gateway without an Authlete account. Tokens\n"
+        "come from --tokens and from the control API under /_emulator/ (no authentication:\n"
+        "loopback only unless --allow-remote).",
+        epilog=_EMULATOR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    emu.add_argument(
+        "--listen",
+        default="127.0.0.1:18400",
+        help="host:port to serve on; a loopback address unless --allow-remote "
+        "(default %(default)s)",
+    )
+    emu.add_argument(
+        "--service-id",
+        default="715948317",
+        help="the Authlete service id, the {serviceId} of the introspection path: the "
+        "gateway's authlete.service_id must match (default %(default)s)",
+    )
     emu.add_argument(
         "--access-token",
         default=os.environ.get("AUTHLETE_ACCESS_TOKEN", "emulator-access-token"),
-        help="service access token callers must present (env AUTHLETE_ACCESS_TOKEN)",
+        help="the service access token callers must present as Bearer; the gateway's "
+        "authlete.access_token (env AUTHLETE_ACCESS_TOKEN, default emulator-access-token)",
     )
-    emu.add_argument("--tokens", help="tokens YAML file to load")
-    emu.add_argument("--latency", type=float, default=0.0, help="added seconds per call")
-    emu.add_argument("--rate", type=float, help="rate limit, calls per second (off by default)")
-    emu.add_argument("--burst", type=int, default=200, help="rate-limit burst (default 200)")
-    emu.add_argument("--reset-form", choices=("delta", "epoch"), default="delta")
+    emu.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="YAML file of access tokens to know from the start (the format of the bundled "
+        "gateway/data/demo-tokens.yaml); more can be added through the control API",
+    )
+    emu.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds added to every introspection call (default 0)",
+    )
+    emu.add_argument(
+        "--rate",
+        type=float,
+        metavar="PER_SECOND",
+        help="rate limit on introspection calls, a token bucket of this many calls per second; "
+        "over it callers get 429 with X-RateLimit-* headers (off by default)",
+    )
+    emu.add_argument(
+        "--burst",
+        type=int,
+        default=200,
+        help="the rate limit's bucket size, calls allowed at once (with --rate; default 200)",
+    )
+    emu.add_argument(
+        "--reset-form",
+        choices=("delta", "epoch"),
+        default="delta",
+        help="how X-RateLimit-Reset is written: seconds until the reset (delta) or the reset "
+        "time in epoch seconds (epoch) (default %(default)s)",
+    )
     emu.add_argument(
         "--allow-remote",
         action="store_true",
@@ -86,6 +134,22 @@ def _parser() -> argparse.ArgumentParser:
     _loop_option(emu)
     emu.set_defaults(handler=_cmd_emulator)
     return parser
+
+
+_EMULATOR_EPILOG = """\
+control API (JSON bodies; BASE is http://127.0.0.1:18400):
+  POST BASE/_emulator/tokens         add or replace a token: {"token": "t1", "subject": "alice",
+                                     "client_id": 1001, "scopes": ["read"], "lifetime": 3600}
+  POST BASE/_emulator/tokens/bulk    add count tokens named prefix0.. : {"prefix": "bench-",
+                                     "count": 100000, "scopes": ["read"]}
+  POST BASE/_emulator/revoke         forget a token: {"token": "t1"}
+  GET  BASE/_emulator/stats          call counters (?token=t1 adds that token's calls)
+  POST BASE/_emulator/reset          zero the counters
+  POST BASE/_emulator/config         change latency, rate_limit, reset_form, known_scopes
+  POST BASE/_emulator/override       answer the next calls differently: {"status": 500,
+                                     "count": 3}; an empty body or null clears it
+The README's "Authlete emulator" section has every field and curl examples.
+"""
 
 
 def _positive_int(text: str) -> int:

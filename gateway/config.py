@@ -13,14 +13,16 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.cors import CorsConfig, origin_entry
 from gateway.http import HOP_BY_HOP
-from gateway.routing import PathError, normalise_path
+from gateway.routing import PathError, host_name, normalise_path
 
 # Names that cannot be used as identity headers: the proxy owns them.
 _RESERVED_HEADERS = HOP_BY_HOP | {
@@ -91,6 +93,25 @@ class Route:
     # "off": the body streams as it arrives.
     request_buffering: str = "auto"
     forward_authorization: bool = True  # pass the client's Authorization header upstream
+    # The upstream URL's path ("/api/v2"; "" when none), the same for every endpoint:
+    # normalised, without a trailing slash, never a query or fragment.
+    base_path: str = ""
+    # Every endpoint when `upstream` is a list (`upstream` is the first); () = just `upstream`.
+    upstreams: tuple[Upstream, ...] = ()
+    balance: str = "round_robin"  # or "least_requests"
+    # This route's own `cors:` (replacing the global one whole); False: `cors: false`, no
+    # CORS on this route; None: the global section applies.
+    cors: CorsConfig | Literal[False] | None = None
+    # Host names the route answers ("api.example.com", "*.example.com": any name under
+    # example.com, not example.com itself), lower case; () = any Host.
+    hosts: tuple[str, ...] = ()
+    strip_prefix: bool = False  # forward the path without the matched path_prefix
+    preserve_host: bool = False  # send the client's Host upstream, not the upstream's
+    rewrite_redirects: bool = True  # map Location/Content-Location back to the client's URL
+
+    @property
+    def endpoints(self) -> tuple[Upstream, ...]:
+        return self.upstreams or (self.upstream,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +247,10 @@ class Config:
     tls: TLSConfig | None = None
     upstream_tls: UpstreamTLSConfig = UpstreamTLSConfig()
     shared: SharedConfig | None = None
+    upstream_dns_ttl: float = 5.0  # seconds between re-resolving upstream host names
+    upstream_max_connection_age: float = 60.0  # seconds; 0 = pooled connections never age
     admin: AdminConfig = AdminConfig()
+    cors: CorsConfig | None = None  # the global `cors:` section
 
 
 # --------------------------------------------------------------------------- reading
@@ -261,6 +285,20 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _default_name(index: int, route: Route, taken: set[str]) -> str:
+    """The name of a route without `name:` (metrics labels and logs use it): its path_prefix;
+    when that is taken, the prefix and its methods (`/items [DELETE,POST]`); when that is
+    taken too, the prefix and its place in the list (`/items#2`, never a valid explicit name)."""
+    prefix = route.path_prefix
+    if prefix not in taken:
+        return prefix
+    if route.methods is not None:
+        with_methods = f"{prefix} [{','.join(sorted(route.methods))}]"
+        if with_methods not in taken:
+            return with_methods
+    return f"{prefix}#{index}"
 
 
 class _Invalid(Exception):
@@ -375,6 +413,10 @@ class _Validator:
         return Address(host, int(port_text))
 
     def upstream(self, path: str, value: Any) -> Upstream:
+        return self.upstream_url(path, value)[0]
+
+    def upstream_url(self, path: str, value: Any) -> tuple[Upstream, str]:
+        """One upstream URL: its origin and its base path ("" when none)."""
         text = self.string(path, value)
         try:
             parts = urlsplit(text)
@@ -385,10 +427,41 @@ class _Validator:
             raise self.fail(path, "not an http(s) URL")
         if parts.username is not None or parts.password is not None:
             raise self.fail(path, "must not contain credentials")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise self.fail(path, "must be an origin (scheme://host[:port]) without path or query")
+        if "?" in text or "#" in text:
+            raise self.fail(path, "must not contain a query or fragment")
+        base = self.base_path(path, parts.path)
         default_port = 443 if parts.scheme == "https" else 80
-        return Upstream(parts.scheme, parts.hostname, port or default_port)
+        return Upstream(parts.scheme, parts.hostname, port or default_port), base
+
+    def upstream_list(self, path: str, value: Any) -> tuple[tuple[Upstream, ...], str]:
+        """`upstream`: one URL, or a list of URLs of one scheme and one base path."""
+        if not isinstance(value, list):
+            one, base = self.upstream_url(path, value)
+            return (one,), base
+        if not value:
+            raise self.fail(path, "must be an http(s) URL or a non-empty list of them")
+        parsed = [self.upstream_url(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        first, base = parsed[0]
+        for i, (one, other_base) in enumerate(parsed):
+            if one.scheme != first.scheme:
+                raise self.fail(f"{path}[{i}]", f"all endpoints must use {first.scheme}://")
+            if other_base != base:
+                raise self.fail(f"{path}[{i}]", f"all endpoints must have base path {base!r}")
+            if one in (u for u, _ in parsed[:i]):
+                raise self.fail(f"{path}[{i}]", f"duplicate endpoint {one.origin}")
+        return tuple(u for u, _ in parsed), base
+
+    def base_path(self, path: str, raw: str) -> str:
+        """An upstream URL's path: "" for none or "/", else normalised without a final "/"."""
+        if raw in ("", "/"):
+            return ""
+        try:
+            normal = normalise_path(raw)
+        except PathError as exc:
+            raise self.fail(path, f"invalid base path: {exc.reason}") from None
+        if normal != raw and normal + "/" != raw:
+            raise self.fail(path, f"base path must be normalised (did you mean {normal!r}?)")
+        return normal.rstrip("/")
 
     def config(self, raw: Any) -> Config | None:
         top = self.guard(
@@ -414,6 +487,9 @@ class _Validator:
                     "upstream_tls",
                     "shared",
                     "admin",
+                    "upstream_dns_ttl",
+                    "upstream_max_connection_age",
+                    "cors",
                 },
             ),
             None,
@@ -462,8 +538,18 @@ class _Validator:
         )
         tls = g(lambda: self.tls(top.get("tls")), False)
         upstream_tls = g(lambda: self.upstream_tls(top.get("upstream_tls")), None)
+        dns_ttl = g(lambda: self.number("upstream_dns_ttl", top.get("upstream_dns_ttl", 5)), None)
+        max_age = g(
+            lambda: self.number(
+                "upstream_max_connection_age",
+                top.get("upstream_max_connection_age", 60),
+                exclusive=False,
+            ),
+            None,
+        )
         shared = g(lambda: self.shared(top.get("shared"), authlete), False)
         admin_cfg = g(lambda: self.admin(top.get("admin")), None)
+        cors = g(lambda: self.cors("cors", top.get("cors")), None)
         if (
             listen is not None
             and admin is not None
@@ -492,7 +578,10 @@ class _Validator:
             tls=tls,
             upstream_tls=upstream_tls,
             shared=shared,
+            upstream_dns_ttl=dns_ttl,
+            upstream_max_connection_age=max_age,
             admin=admin_cfg,
+            cors=cors or None,
         )
 
     def limits(self, raw: Any) -> LimitsConfig:
@@ -748,6 +837,94 @@ class _Validator:
         if not isinstance(value, bool):
             raise self.fail(path, "must be true or false")
         return value
+
+    def cors(self, path: str, raw: Any) -> CorsConfig | Literal[False] | None:
+        """A `cors:` section: None when absent, False for `cors: false` (off)."""
+        if raw is None:
+            return None
+        if raw is False:
+            return False
+        m = self.mapping(
+            path,
+            raw,
+            {
+                "allow_origins",
+                "allow_methods",
+                "allow_headers",
+                "expose_headers",
+                "allow_credentials",
+                "max_age",
+            },
+        )
+        if not isinstance(raw, dict):
+            raise self.fail(path, "must be a mapping, or false to turn CORS off")
+
+        def names(key: str, upper: bool = False) -> tuple[str, ...] | None:
+            value = m.get(key)
+            if not isinstance(value, list):
+                raise self.fail(f"{path}.{key}", "must be a list")
+            out: list[str] = []
+            for i, item in enumerate(value):
+                text = self.string(f"{path}.{key}[{i}]", item)
+                if text != "*" and not _TCHAR.match(text):
+                    raise self.fail(f"{path}.{key}[{i}]", "not a valid name")
+                text = text.upper() if upper else text
+                if text.lower() not in (o.lower() for o in out):
+                    out.append(text)
+            if "*" in out and len(out) > 1:
+                raise self.fail(f"{path}.{key}", '"*" must be the only entry')
+            return tuple(out)
+
+        g = self.guard
+        if "allow_origins" not in m:
+            self.problems.append(f"{path}.allow_origins: is required")
+        origins = g(lambda: self.origins(f"{path}.allow_origins", m.get("allow_origins")), None)
+        kw: dict[str, Any] = {}
+        for key in ("allow_methods", "allow_headers", "expose_headers"):
+            if key in m:
+                try:
+                    kw[key] = names(key, key == "allow_methods")
+                except _Invalid:
+                    kw[key] = None
+        credentials = g(
+            lambda: self.boolean(f"{path}.allow_credentials", m.get("allow_credentials", False)),
+            None,
+        )
+        if "max_age" in m:
+            kw["max_age"] = g(
+                lambda: self.integer(f"{path}.max_age", m["max_age"], minimum=0), None
+            )
+        if origins is None or credentials is None or None in kw.values():
+            raise _Invalid()
+        if credentials and origins == ("*",):
+            raise self.fail(
+                f"{path}.allow_origins",
+                '"*" cannot be combined with allow_credentials: true (browsers refuse it, '
+                "and answering every origin with credentials lets any site read them): list "
+                "the origins",
+            )
+        if credentials and kw.get("expose_headers") == ("*",):
+            raise self.fail(
+                f"{path}.expose_headers",
+                '"*" means no header to a browser with allow_credentials: true: list them',
+            )
+        return CorsConfig(allow_origins=origins, allow_credentials=credentials, **kw)
+
+    def origins(self, path: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, 'must be a non-empty list of origins (or ["*"])')
+        out: list[str] = []
+        for i, item in enumerate(value):
+            text = self.string(f"{path}[{i}]", item)
+            try:
+                entry = origin_entry(text)
+            except ValueError as exc:
+                raise self.fail(f"{path}[{i}]", str(exc)) from None
+            if entry not in out:
+                out.append(entry)
+        if "*" in out and len(out) > 1:
+            raise self.fail(path, '"*" must be the only entry')
+        return tuple(out)
 
     def log(self, raw: Any) -> LogConfig:
         m = self.mapping("log", raw, {"level", "access"})
@@ -1040,13 +1217,18 @@ class _Validator:
                 routes.append(self.route(i, item, default_timeout, limits))
             except _Invalid:
                 routes.append(None)
+        named = [isinstance(item, Mapping) and "name" in item for item in raw]
         names: set[str] = set()
         for i, route in enumerate(routes):
-            if route is None:
+            if route is None or not named[i]:
                 continue
             if route.name in names:
                 self.problems.append(f"routes[{i}].name: duplicate route name {route.name!r}")
             names.add(route.name)
+        for i, route in enumerate(routes):
+            if route is not None and not named[i]:
+                routes[i] = route = replace(route, name=_default_name(i, route, names))
+                names.add(route.name)
         if None in routes:
             raise _Invalid()
         return tuple(r for r in routes if r is not None)
@@ -1067,6 +1249,12 @@ class _Validator:
                 "max_body_bytes",
                 "request_buffering",
                 "forward_authorization",
+                "balance",
+                "cors",
+                "hosts",
+                "strip_prefix",
+                "preserve_host",
+                "rewrite_redirects",
             },
         )
         if not m and raw is None:
@@ -1082,10 +1270,14 @@ class _Validator:
             else None
         )
         upstream: Any = (
-            g(lambda: self.upstream(f"{p}.upstream", m["upstream"]), None)
+            g(lambda: self.upstream_list(f"{p}.upstream", m["upstream"]), None)
             if "upstream" in m
             else None
         )
+        balance = g(lambda: self.string(f"{p}.balance", m.get("balance", "round_robin")), None)
+        if balance is not None and balance not in ("round_robin", "least_requests"):
+            self.problems.append(f'{p}.balance: must be "round_robin" or "least_requests"')
+            balance = None
         methods = g(lambda: self.methods(f"{p}.methods", m.get("methods")), False)
         auth = g(lambda: self.string(f"{p}.auth", m.get("auth", "required")), None)
         if auth is not None and auth not in ("required", "none"):
@@ -1114,6 +1306,16 @@ class _Validator:
             ),
             None,
         )
+        hosts = g(lambda: self.hosts(f"{p}.hosts", m.get("hosts")), None)
+        cors = g(lambda: self.cors(f"{p}.cors", m.get("cors")), ...)
+        flags = {
+            key: g(partial(self.boolean, f"{p}.{key}", m.get(key, on)), None)
+            for key, on in (
+                ("strip_prefix", False),
+                ("preserve_host", False),
+                ("rewrite_redirects", True),
+            )
+        }
         name = g(lambda: self.string(f"{p}.name", m.get("name", prefix or f"route{index}")), None)
         if name is not None and not re.match(r"^[A-Za-z0-9._/:~-]+$", name):
             self.problems.append(f"{p}.name: use letters, digits and ._/:~-")
@@ -1121,20 +1323,54 @@ class _Validator:
         if (
             None in (prefix, upstream, auth, scopes, timeout, body, name, buffering, forward_auth)
             or methods is False
+            or balance is None
+            or hosts is None
+            or None in flags.values()
         ):
             raise _Invalid()
+        if cors is ...:
+            raise _Invalid()
+        endpoints, base_path = upstream
         return Route(
             name=name,
             path_prefix=prefix,
             methods=methods,
-            upstream=upstream,
+            upstream=endpoints[0],
+            upstreams=endpoints if len(endpoints) > 1 else (),
+            base_path=base_path,
+            balance=balance,
             auth_required=auth == "required",
             scopes=scopes,
             timeout=timeout,
             max_body_bytes=body,
             request_buffering=buffering,
             forward_authorization=forward_auth,
+            cors=cors,
+            hosts=hosts,
+            strip_prefix=bool(flags["strip_prefix"]),
+            preserve_host=bool(flags["preserve_host"]),
+            rewrite_redirects=bool(flags["rewrite_redirects"]),
         )
+
+    def hosts(self, path: str, value: Any) -> tuple[str, ...]:
+        """`hosts`: exact names and `*.` wildcards, lower-cased, without ports."""
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, "must be a non-empty list of host names (omit it for any host)")
+        out: list[str] = []
+        for i, item in enumerate(value):
+            text = self.string(f"{path}[{i}]", item).strip().lower()
+            name = text[2:] if text.startswith("*.") else text
+            if host_name(name.encode()) != name.rstrip(".") or not name:
+                raise self.fail(
+                    f"{path}[{i}]",
+                    "must be a host name without port, or *. and a domain (*.example.com)",
+                )
+            entry = text.rstrip(".")
+            if entry not in out:
+                out.append(entry)
+        return tuple(out)
 
     def path_prefix(self, path: str, value: Any) -> str:
         text = self.string(path, value)

@@ -335,6 +335,48 @@ class Metrics:
     def watch_cache(self, entries: Callable[[], int], evictions: Callable[[], int]) -> None:
         self.registry.register(_CacheCollector(entries, evictions))
 
+    def watch_endpoints(self, endpoints: Callable[[], Iterable[EndpointCounts]]) -> None:
+        self.registry.register(_EndpointCollector(endpoints))
+
+
+# One configured upstream endpoint: (origin, requests, failures by kind, ejections).
+EndpointCounts = tuple[str, int, dict[str, int], int]
+
+
+class _EndpointCollector(Collector):
+    """Per configured upstream endpoint (its origin: bounded by the config, never a
+    resolved address): requests sent, failures by kind, ejections."""
+
+    def __init__(self, endpoints: Callable[[], Iterable[EndpointCounts]]) -> None:
+        self._endpoints = endpoints
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        requests = CounterMetricFamily(
+            "gateway_upstream_endpoint_requests",
+            "Requests sent to an upstream endpoint (retries included).",
+            labels=["upstream"],
+        )
+        failures = CounterMetricFamily(
+            "gateway_upstream_endpoint_failures",
+            "Connections to an upstream endpoint that failed: refused or timeout (connecting),"
+            " reset (closed before a complete answer).",
+            labels=["upstream", "kind"],
+        )
+        ejections = CounterMetricFamily(
+            "gateway_upstream_endpoint_ejections",
+            "Times an upstream endpoint (one of its addresses) was taken out after connect"
+            " failures in a row.",
+            labels=["upstream"],
+        )
+        for origin, sent, failed, ejected in self._endpoints():
+            requests.add_metric([origin], sent)
+            for kind in ("refused", "timeout", "reset"):
+                failures.add_metric([origin, kind], failed.get(kind, 0))
+            ejections.add_metric([origin], ejected)
+        yield requests
+        yield failures
+        yield ejections
+
 
 class _CacheCollector(Collector):
     def __init__(self, entries: Callable[[], int], evictions: Callable[[], int]) -> None:

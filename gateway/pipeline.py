@@ -14,11 +14,19 @@ from typing import NamedTuple
 
 from gateway import bearer
 from gateway.cache import token_key
-from gateway.config import Config, Route, Upstream
+from gateway.config import Config, Route
+from gateway.cors import Policy
 from gateway.decision import NOT_FOUND, SERVICE_UNAVAILABLE, Decider, Denial, denial
 from gateway.metrics import Metrics, _CounterChild, _HistogramChild
-from gateway.proxy import HeaderPolicy, Inbound
-from gateway.routing import PathError, Router, parse_target
+from gateway.proxy import HeaderPolicy, Inbound, Redirects
+from gateway.routing import (
+    PathError,
+    Router,
+    forwarded_path,
+    host_matches,
+    host_name,
+    parse_target,
+)
 from gateway.upstream import Pool
 from gateway.verdict import Active, Verdict
 from gateway.verdicts import Verdicts
@@ -30,6 +38,10 @@ BODY_TIMEOUT = denial(408, "request_timeout", "The request body stopped arriving
 CONNECT_REFUSED = denial(405, "method_not_allowed", "CONNECT is not supported.")
 TRACE_REFUSED = denial(405, "method_not_allowed", "TRACE is not allowed on this route.")
 BODY_TOO_SLOW = denial(408, "request_timeout", "The request body arrives too slowly.")
+INVALID_HOST = denial(400, "invalid_request", "The Host header is not a valid host name.")
+MISDIRECTED = denial(
+    421, "misdirected_request", "This connection's TLS server name does not serve this Host."
+)
 
 
 class CompiledRoute:
@@ -37,12 +49,15 @@ class CompiledRoute:
 
     __slots__ = (
         "auth_required",
+        "cors",
         "duration",
         "forward_authorization",
         "max_body_bytes",
         "name",
         "overhead",
         "pool",
+        "preserve_host",
+        "redirects",
         "request_buffering",
         "route",
         "scopes",
@@ -61,6 +76,13 @@ class CompiledRoute:
         self.request_buffering = route.request_buffering
         self.auth_required = route.auth_required
         self.scopes = route.scopes
+        self.cors: Policy | None = None  # set by Plan: the route's own or the global one
+        self.preserve_host = route.preserve_host
+        self.redirects = (
+            Redirects(route.endpoints, route.base_path, route.path_prefix, route.strip_prefix)
+            if route.rewrite_redirects
+            else None
+        )
         self.duration: _HistogramChild = metrics.request_duration.labels(route.name)
         self.overhead: _HistogramChild = metrics.overhead.labels(route.name)
         self.upstream_duration: _HistogramChild = metrics.upstream_duration.labels(route.name)
@@ -72,8 +94,11 @@ class Plan:
 
     __slots__ = (
         "cfg",
+        "cors",
         "decider",
         "header_policy",
+        "host_routes",
+        "host_sets",
         "max_token_bytes",
         "routed",
         "router",
@@ -81,17 +106,27 @@ class Plan:
         "token_pattern",
     )
 
-    def __init__(self, cfg: Config, pool_for: Callable[[Upstream], Pool], metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, pool_for: Callable[[Route], Pool], metrics: Metrics) -> None:
         self.cfg = cfg
         self.router = Router(cfg.routes)
         self.decider = Decider(cfg.realm)
         self.header_policy = HeaderPolicy(cfg.headers, cfg.trusted_proxies)
         self.max_token_bytes = cfg.max_token_bytes
         self.token_pattern = cfg.authlete.token_pattern
-        self.routes = {r.name: CompiledRoute(r, pool_for(r.upstream), metrics) for r in cfg.routes}
-        # (method, raw target) -> where it goes: routing is a pure function of the two for
+        self.routes = {r.name: CompiledRoute(r, pool_for(r), metrics) for r in cfg.routes}
+        # CORS: the global policy answers what no route took (404, 400 before routing); a
+        # route's own `cors:` replaces it whole, `cors: false` turns it off there.
+        self.cors = Policy(cfg.cors) if cfg.cors is not None else None
+        for r in cfg.routes:
+            self.routes[r.name].cors = (
+                self.cors if r.cors is None else Policy(r.cors) if r.cors else None
+            )
+        # Routes with `hosts`, for the TLS server name check; the set each name selects.
+        self.host_routes = tuple(r.hosts for r in cfg.routes if r.hosts)
+        self.host_sets: dict[str, tuple[bool, ...]] = {}
+        # (method, raw target, Host) -> where it goes: routing is a pure function of them for
         # one plan, so the hot path's repeated targets skip normalising and matching.
-        self.routed: dict[tuple[bytes, bytes], Routed] = {}
+        self.routed: dict[tuple[bytes, bytes, bytes | None], Routed] = {}
 
 
 class Miss(NamedTuple):
@@ -103,32 +138,63 @@ class Miss(NamedTuple):
 
 class Routed(NamedTuple):
     route: CompiledRoute
-    path: str  # normalised: what was matched, and what is forwarded
-    target: bytes  # path and query as forwarded
+    path: str  # normalised: what was matched
+    target: bytes  # path and query as forwarded: `path` itself, or as strip_prefix and the
+    # upstream's base path make it (routing.forwarded_path)
 
 
 _ROUTED_CACHE_SIZE = 4096
 
 
-def route_request(plan: Plan, method: bytes, raw_target: bytes) -> Routed | Denial:
-    key = (method, raw_target)
+def route_request(
+    plan: Plan, method: bytes, raw_target: bytes, host: bytes | None = None
+) -> Routed | Denial:
+    """`host`: the request's Host header, as sent (None when it has none: HTTP/1.0)."""
+    key = (method, raw_target, host)
     routed = plan.routed.get(key)
     if routed is not None:
         return routed
     if method == b"CONNECT":
         return CONNECT_REFUSED  # a tunnel, whatever its target looks like: never forwarded
+    name = host_name(host)
+    if name is None:
+        return INVALID_HOST
     try:
         target = parse_target(raw_target.decode("latin-1"))
     except PathError as exc:
         return denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
-    route = plan.router.match(method.decode("latin-1"), target.path)
+    route = plan.router.match(method.decode("latin-1"), target.path, name)
     if route is None:
         return TRACE_REFUSED if method == b"TRACE" else NOT_FOUND
-    routed = Routed(plan.routes[route.name], target.path, target.forward.encode())
+    forward = target.forward
+    if route.strip_prefix or route.base_path:
+        path = forwarded_path(target.path, route.path_prefix, route.strip_prefix, route.base_path)
+        forward = f"{path}?{target.query}" if target.has_query else path
+    routed = Routed(plan.routes[route.name], target.path, forward.encode())
     if len(plan.routed) >= _ROUTED_CACHE_SIZE:
         plan.routed.clear()  # bounded; a client varying its targets only empties it
     plan.routed[key] = routed
     return routed
+
+
+def misdirected(plan: Plan, server_name: str, host: bytes | None) -> bool:
+    """With TLS, a request whose Host selects other `hosts` routes than the connection's
+    server name (SNI) did is answered 421: the client must open a connection for that name.
+    Names that select the same routes (or none with `hosts`) may share a connection."""
+    name = host_name(host)
+    if name is None or name == server_name:
+        return False  # an invalid Host gets its 400 from routing
+    return _host_set(plan, name) != _host_set(plan, server_name)
+
+
+def _host_set(plan: Plan, name: str) -> tuple[bool, ...]:
+    found = plan.host_sets.get(name)
+    if found is None:
+        found = tuple(host_matches(hosts, name) for hosts in plan.host_routes)
+        if len(plan.host_sets) >= _ROUTED_CACHE_SIZE:
+            plan.host_sets.clear()
+        plan.host_sets[name] = found
+    return found
 
 
 def check_framing(inbound: Inbound, http11: bool, limit: int) -> Denial | None:

@@ -6,9 +6,13 @@ headers reach the client. No I/O here.
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Iterable
+from typing import Protocol
 
-from gateway.config import HeadersConfig, IPNetwork
+from gateway.config import HeadersConfig, IPNetwork, Upstream
 from gateway.http import HOP_BY_HOP, fold
+from gateway.routing import host_name
 from gateway.verdict import Active
 
 # What the listener needs to know of a request head, besides what is forwarded.
@@ -24,6 +28,7 @@ _CONNECTION = 8
 _X_FORWARDED_FOR = 9
 _X_FORWARDED_PROTO = 10  # believed from trusted proxies only
 _X_FORWARDED_HOST = 11
+_ORIGIN = 12  # passed on unchanged, and read for CORS
 
 _SPECIAL = {
     "host": _HOST,
@@ -36,6 +41,7 @@ _SPECIAL = {
     "x-forwarded-for": _X_FORWARDED_FOR,
     "x-forwarded-proto": _X_FORWARDED_PROTO,
     "x-forwarded-host": _X_FORWARDED_HOST,
+    "origin": _ORIGIN,
 }
 # Headers that upstream frameworks, servers and auth proxies read as facts about the client
 # (who it is, where it connects from, scheme, host, path) or as its method. Names are folded
@@ -178,6 +184,7 @@ class Inbound:
         "host",
         "host_count",
         "kept",
+        "origin",
         "request_id",
         "transfer_encoding",
         "x_forwarded_for",
@@ -197,6 +204,7 @@ class Inbound:
         self.x_forwarded_for: list[bytes] | None = None
         self.forwarded_proto: bytes | None = None
         self.forwarded_host: bytes | None = None
+        self.origin: bytes | None = None  # the first Origin header (CORS)
 
 
 class HeaderPolicy:
@@ -323,8 +331,13 @@ class HeaderPolicy:
             elif kind == _X_FORWARDED_PROTO:
                 if trusted and inbound.forwarded_proto is None:
                     inbound.forwarded_proto = value
-            elif kind == _X_FORWARDED_HOST and trusted and inbound.forwarded_host is None:
-                inbound.forwarded_host = value
+            elif kind == _X_FORWARDED_HOST:
+                if trusted and inbound.forwarded_host is None:
+                    inbound.forwarded_host = value
+            elif kind == _ORIGIN:
+                if inbound.origin is None:
+                    inbound.origin = value
+                kept += (name, _SEP, value, _CRLF)
         if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)
         return inbound
@@ -386,20 +399,31 @@ class HeaderPolicy:
         return b"".join(parts)
 
 
-# Response header spelling -> 0 relayed, 1 dropped, 2 Connection (dropped, and read).
+# Response header spelling -> 0 relayed, 1 dropped, 2 Connection (dropped, and read),
+# 3 Location or Content-Location (relayed, rewritten by `Redirects`).
 _RESPONSE_KINDS: dict[bytes, int] = {}
+_LOCATIONS = frozenset({b"location", b"content-location"})
 
 
 def _response_kind(name: bytes) -> int:
     lower = name.lower()
     kind = (2 if lower == b"connection" else 1) if lower in _RESPONSE_DROP else 0
+    if lower in _LOCATIONS:
+        kind = 3
     if len(_RESPONSE_KINDS) < 4096:
         _RESPONSE_KINDS[name] = kind
     return kind
 
 
-def response_headers(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """The upstream's end-to-end headers, in order and with duplicates, as head parts."""
+class LocationRewriter(Protocol):
+    def rewrite_location(self, value: bytes) -> bytes: ...
+
+
+def response_headers(
+    headers: list[tuple[bytes, bytes]], locations: LocationRewriter | None = None
+) -> list[bytes]:
+    """The upstream's end-to-end headers, in order and with duplicates, as head parts;
+    Location and Content-Location values through `locations` (see `Redirects`)."""
     parts: list[bytes] = []
     listed: list[bytes] | None = None
     kinds = _RESPONSE_KINDS
@@ -408,6 +432,10 @@ def response_headers(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
         if kind is None:
             kind = _response_kind(name)
         if kind == 0:
+            parts += (name, _SEP, value, _CRLF)
+        elif kind == 3:
+            if locations is not None:
+                value = locations.rewrite_location(value)
             parts += (name, _SEP, value, _CRLF)
         elif kind == 2:
             if listed is None:
@@ -431,3 +459,84 @@ def _drop_listed(parts: list[bytes], values: list[bytes], start: int) -> None:
         if parts[i].lower() not in listed:
             kept += parts[i : i + 4]
     parts[:] = kept
+
+
+_SCHEMES = {b"http": b"http", b"https": b"https"}
+_AUTHORITY_END = re.compile(rb"[/?#]")
+
+
+class Redirects:
+    """A route's `proxy_redirect default`: a Location or Content-Location naming the route's
+    upstream (any endpoint, by the authority the gateway sends it as Host, or with its port
+    spelled out) under its base path is given back as the address the client used: its
+    scheme and host, then the route's prefix when strip_prefix removed it. An absolute path
+    (`/api/v2/7`) is mapped the same way, kept relative, when the route changes paths
+    (strip_prefix or a base path). Anything else (other hosts, paths outside the base path)
+    passes unchanged."""
+
+    __slots__ = ("authorities", "base", "maps_paths", "prefix")
+
+    def __init__(
+        self, endpoints: Iterable[Upstream], base_path: str, prefix: str, strip: bool
+    ) -> None:
+        names: set[bytes] = set()
+        for up in endpoints:
+            host = (f"[{up.host}]" if ":" in up.host else up.host).lower().encode()
+            names.add(b"%s:%d" % (host, up.port))
+            if up.port == (443 if up.scheme == "https" else 80):
+                names.add(host)
+        self.authorities = frozenset(names)
+        self.base = base_path.encode()
+        self.prefix = prefix.encode() if strip and prefix != "/" else b""
+        self.maps_paths = bool(self.base or self.prefix)
+
+    def rewrite(self, value: bytes, inbound: Inbound, scheme: bytes) -> bytes:
+        head = value[:8].lower()
+        if head.startswith(b"http://"):
+            start = 7
+        elif head.startswith(b"https://"):
+            start = 8
+        elif value[:1] == b"/" and value[1:2] != b"/" and self.maps_paths:
+            path = self._client_path(value)
+            return value if path is None else path
+        else:
+            return value
+        found = _AUTHORITY_END.search(value, start)
+        end = found.start() if found is not None else len(value)
+        if value[start:end].lower() not in self.authorities:
+            return value
+        path = self._client_path(value[end:])
+        if path is None:
+            return value
+        host = _client_host(inbound)
+        if host is None:
+            return path  # no Host (HTTP/1.0): relative to whatever the client asked
+        proto = inbound.forwarded_proto  # only ever set from a trusted proxy
+        if proto is not None:
+            scheme = _SCHEMES.get(proto.partition(b",")[0].strip().lower(), scheme)
+        return b"".join((scheme, b"://", host, path))
+
+    def _client_path(self, rest: bytes) -> bytes | None:
+        """`rest` (path, query, fragment as the upstream wrote them) as the client's path, or
+        None when it is outside the base path."""
+        base = self.base
+        if base:
+            if not rest.startswith(base):
+                return None
+            rest = rest[len(base) :]
+            if rest and rest[:1] not in b"/?#":
+                return None
+        if self.prefix:
+            return self.prefix + rest
+        return rest if rest[:1] == b"/" else b"/" + rest
+
+
+def _client_host(inbound: Inbound) -> bytes | None:
+    """The host (and port) the client addressed: X-Forwarded-Host from a trusted proxy (its
+    first entry, when valid), else the Host header (checked by routing)."""
+    forwarded = inbound.forwarded_host
+    if forwarded is not None:
+        first = forwarded.partition(b",")[0].strip()
+        if host_name(first):
+            return first
+    return inbound.host or None

@@ -2,11 +2,13 @@
 
 The path that was matched is exactly the path that is forwarded, so no upstream can
 be reached through a path the route table did not see (`/public/../orders`,
-`/public/%2e%2e/orders`, `//orders`). Anything ambiguous is refused.
+`/public/%2e%2e/orders`, `//orders`). Anything ambiguous in the path is refused. The query
+is only checked for characters no HTTP/1.1 request line may carry, and forwarded as sent.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +24,11 @@ _PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
 # The common case, checked in C: plain segments of safe characters, no escapes. Such a
 # path is already normal unless it holds a dot segment or an empty segment (`//`, `/;x/`).
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
-_PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+# The query is not routed on and goes upstream byte for byte: any visible ASCII but '#' (a
+# fragment is never sent), including what browsers leave unencoded (`filter[name]=x`,
+# `ids[]=1`, `q=a|b`, `{ } ^ \ < > "` and backtick), as upstream frameworks accept them.
+# Refused: controls, DEL, space and non-ASCII octets.
+_PLAIN_QUERY = re.compile(r"[\x21\x22\x24-\x7e]*")
 # Encoded octets that would change the path's structure if an upstream decoded them.
 _FORBIDDEN_OCTETS = {0x2F: "encoded slash", 0x5C: "encoded backslash", 0x00: "encoded NUL"}
 # Control characters, which upstream frameworks decode into paths their own route patterns
@@ -153,11 +159,14 @@ class Router:
 
     routes: Sequence[Route]
 
-    def match(self, method: str, path: str) -> Route | None:
+    def match(self, method: str, path: str, host: str = "") -> Route | None:
         """TRACE matches only a route that lists it: it echoes the request, credentials and
-        all, back to whoever sent it (cross-site tracing)."""
+        all, back to whoever sent it (cross-site tracing). `host` is the request's normalised
+        host name (`host_name`); a route with `hosts` matches only those names."""
         key = _match_key(path)
         for route in self.routes:
+            if route.hosts and not host_matches(route.hosts, host):
+                continue
             methods = route.methods
             if methods is None:
                 if method == "TRACE":
@@ -176,3 +185,63 @@ def _match_key(path: str) -> str:
     if ";" not in path:
         return path
     return "/".join(seg.partition(";")[0] for seg in path.split("/"))
+
+
+# A host name as the Host header may carry it, lower-cased: DNS-style labels (letters,
+# digits, `-`, `_`; an IPv4 address is one too) with an optional final dot, or an IPv6
+# literal in brackets; then an optional port.
+_HOST_NAME = re.compile(
+    r"((?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)\.?"
+    r"|(\[[0-9a-f:.]{2,45}\])"
+)
+_PORT = re.compile(r"(?::[0-9]{0,5})?")
+
+
+def host_name(raw: bytes | None) -> str | None:
+    """The host name a Host header value names: lower case, without port or final dot;
+    "" when there is none (no or empty Host); None when the value is not a valid host."""
+    if not raw:
+        return ""
+    try:
+        text = raw.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return None
+    m = _HOST_NAME.match(text)
+    if m is None or len(text) > 261 or _PORT.fullmatch(text, m.end()) is None:
+        return None
+    name = m.group(1)
+    if name is None:
+        name = m.group(2)
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            return None
+    return name if len(name) <= 253 else None
+
+
+def host_matches(hosts: Sequence[str], name: str) -> bool:
+    """`hosts` entries are exact names or `*.domain`: any name ending in `.domain` (one label
+    or more before it, as nginx and Envoy read it), never `domain` itself."""
+    for entry in hosts:
+        if entry[0] == "*":
+            if name.endswith(entry[1:]) and len(name) > len(entry) - 1:
+                return True
+        elif name == entry:
+            return True
+    return False
+
+
+def forwarded_path(path: str, prefix: str, strip: bool, base: str) -> str:
+    """What a route sends upstream for a matched (normalised) path: the upstream URL's base
+    path, then the path, less the prefix's segments when `strip` (with any `;` parameters
+    they carry). `/orders/7` on `/orders` -> `/7`, `/orders` and `/orders/` -> `/`; with
+    base `/api/v2`: `/api/v2/7`, `/api/v2`, `/api/v2/`."""
+    rest = path
+    if strip and prefix != "/":
+        if ";" in path:
+            segments = path.split("/")
+            count = prefix.count("/") + 1
+            rest = "/".join(("", *segments[count:])) if len(segments) > count else ""
+        else:
+            rest = path[len(prefix) :]
+    return base + rest or "/"

@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.config import LimitsConfig
+from gateway.cors import answer_headers, preflight, preflight_request, relay
 from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, Denial
 from gateway.http import IDEMPOTENT, READ_BUFFER, closing_answer, date_line, status_line
 from gateway.introspection import IntrospectionError
@@ -32,6 +33,7 @@ from gateway.pipeline import (
     BAD_HOST,
     BODY_TIMEOUT,
     BODY_TOO_SLOW,
+    MISDIRECTED,
     TOO_LARGE,
     CompiledRoute,
     Miss,
@@ -40,11 +42,13 @@ from gateway.pipeline import (
     check_framing,
     judge,
     lookup,
+    misdirected,
     route_request,
     token_of,
     unavailable,
 )
 from gateway.proxy import response_headers
+from gateway.tls import server_name_of
 from gateway.upstream import CHUNKED, STREAM, Pool, UpstreamConnection
 from gateway.verdict import Active, Verdict
 
@@ -234,9 +238,11 @@ class Listener:
         identity = ex.identity
         if ex.path is not None:
             path = '"' + ex.path + '"'
-        else:
+        elif ex.raw_target:
             raw = ex.raw_target.partition(b"?")[0][:256]
             path = _json_str(raw.decode("ascii", "backslashreplace"))
+        else:
+            path = "null"  # refused before a request line was read whole (400, 408, 431)
         upstream = "null" if ex.upstream_seconds is None else f"{ex.upstream_seconds:.6f}"
         cache = "null" if ex.cache is None else '"' + ex.cache + '"'
         if identity is None:
@@ -263,6 +269,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.peer = ""
         self.peer_bytes = b""
         self.trusted = False
+        self.server_name: str | None = None  # what a TLS client asked for (SNI)
         self.headers: list[tuple[bytes, bytes]] = []
         self.url = b""
         self.in_head = True
@@ -300,6 +307,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.peer = str(peer[0]) if peer else ""
         self.peer_bytes = self.peer.encode()
         self.trusted = listener.plan.header_policy.trusts(self.peer)
+        if listener.scheme == b"https":
+            self.server_name = server_name_of(transport.get_extra_info("ssl_object"))
         cap = limits.max_connections_per_client
         if cap and not self.trusted:
             # Behind a trusted proxy, one connection carries many clients: not counted.
@@ -641,14 +650,15 @@ class ClientConnection(asyncio.BufferedProtocol):
             # Its head was good and it may be on its way upstream: stop that at once.
             ex.fail_request(closing_answer(status, error, description), status)
             return
-        listener.metrics.count_request(NO_ROUTE, "OTHER", status)
         answer = closing_answer(status, error, description)
+        refused = _closing_exchange(self, answer, status)
         if self.cur is None:
             self.out.append(answer)
+            listener.account(refused)
             self.linger()
         else:
             # Answered after the requests before it, which are under way.
-            self.queue.append(_closing_exchange(self, answer))
+            self.queue.append(refused)
 
     def check(self, now: float) -> None:
         """The sweep's visit: act on a passed deadline."""
@@ -674,9 +684,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         if kind == _HEAD:
             self.listener.metrics.header_timeouts.inc()
             if self.cur is None:
-                self.listener.metrics.count_request(NO_ROUTE, "OTHER", 408)
+                answer = closing_answer(*_HEADER_TIMEOUT)
+                if self.head_bytes:  # part of a request came: it gets its access line
+                    self.listener.account(_closing_exchange(self, answer, 408))
+                else:  # a connection that never said anything: counted, not logged
+                    self.listener.metrics.count_request(NO_ROUTE, "OTHER", 408)
                 self.closed = True
-                self._write(closing_answer(*_HEADER_TIMEOUT))
+                self._write(answer)
                 if self.transport is not None:
                     self.transport.close()
             else:
@@ -716,12 +730,22 @@ class ClientConnection(asyncio.BufferedProtocol):
         return False
 
 
-def _closing_exchange(conn: ClientConnection, answer: bytes) -> Exchange:
+def _closing_exchange(conn: ClientConnection, answer: bytes, status: int) -> Exchange:
+    """A request refused before it could be routed (malformed, 408, 431): an exchange only
+    for its answer and its access line (route `(none)`, method OTHER, path null)."""
     ex = Exchange(conn, b"OTHER", b"", [], True)
     ex.keep_alive = False
     ex.request_done = True
     ex.local = answer
+    ex.status = status
+    ex.bytes_out = _body_size(answer)
+    ex.request_id = conn.listener.request_ids.take(None)
     return ex
+
+
+def _body_size(answer: bytes) -> int:
+    """Body bytes of a whole answer (what `bytes_out` counts)."""
+    return len(answer) - answer.index(b"\r\n\r\n") - 4
 
 
 class Exchange:
@@ -856,7 +880,17 @@ class Exchange:
         if self.raw_target == b"*" and self.method == b"OPTIONS":
             self._server_options()
             return
-        routed = route_request(plan, self.method, self.raw_target)
+        server_name = self.conn.server_name  # TLS only
+        if (
+            server_name is not None
+            and plan.host_routes
+            and misdirected(plan, server_name, inbound.host)
+        ):
+            self.deny(MISDIRECTED)
+            return
+        if inbound.origin is not None and self.method == b"OPTIONS" and self._preflight():
+            return
+        routed = route_request(plan, self.method, self.raw_target, inbound.host)
         if isinstance(routed, Denial):
             self.deny(routed)
             return
@@ -938,7 +972,34 @@ class Exchange:
             parts += (b"WWW-Authenticate: ", refused.challenge.encode(), b"\r\n")
         if refused.retry_after is not None:
             parts += (b"Retry-After: ", refused.retry_after.encode(), b"\r\n")
+        cors = self.route.cors if self.route is not None else self.plan.cors
+        if cors is not None:  # so that a browser application can read why
+            parts.append(answer_headers(cors, self.inbound.origin, True))
         self._answer(refused.status, parts, refused.body)
+
+    def _preflight(self) -> bool:
+        """A CORS preflight to a route with a policy is answered here (204 or 403), without a
+        token and without Authlete or the upstream. The route is the one the request it asks
+        about would take (its Access-Control-Request-Method). False: not a preflight, or no
+        route with a policy takes that method there: handled as an ordinary OPTIONS."""
+        asked = preflight_request(self.headers)
+        if asked is None:
+            return False
+        method, request_headers = asked
+        inbound = self.inbound
+        routed = route_request(self.plan, method, self.raw_target, inbound.host)
+        if isinstance(routed, Denial) or routed.route.cors is None:
+            return False
+        self.route = routed.route
+        self.path = routed.path
+        assert inbound.origin is not None
+        answer = preflight(routed.route.cors, inbound.origin, method, request_headers)
+        if not self.request_done:
+            remaining = self._unread_body()
+            if remaining is None or remaining > _DISCARD_LIMIT or self._expects_continue():
+                self.keep_alive = False
+        self._answer(answer.status, [answer.headers], answer.body)
+        return True
 
     def _server_options(self) -> None:
         """`OPTIONS *` asks about the server, not a resource: answered here, never routed."""
@@ -957,6 +1018,7 @@ class Exchange:
         parts.append(b"\r\n")
         if self.method != b"HEAD":  # a HEAD answer announces its body but carries none
             parts.append(body)
+            self.bytes_out = len(body)
         conn.out.append(b"".join(parts))
         self.response_started = self.response_done = True
         self._drop_body()
@@ -981,6 +1043,12 @@ class Exchange:
         self._drop_upstream()
         if self.conn.cur is not self:
             self.local = answer
+            self.status = status
+            self.bytes_out = _body_size(answer)
+            rid = self.inbound.request_id
+            self.request_id = self.conn.listener.request_ids.take(
+                rid.decode("latin-1") if rid is not None else None
+            )
             self.keep_alive = False
             self.request_done = True
             return
@@ -988,6 +1056,7 @@ class Exchange:
             self.conn.abort()
             return
         self.status = status
+        self.bytes_out = _body_size(answer)
         self.keep_alive = False
         self.response_started = self.response_done = True
         self.conn.out.append(answer)
@@ -1031,7 +1100,9 @@ class Exchange:
         self.upstream_head_bytes = self.plan.header_policy.request_head(
             self.method,
             routed.target,
-            route.pool.host_header,
+            (self.inbound.host or route.pool.host_header)
+            if route.preserve_host
+            else route.pool.host_header,
             self.inbound,
             conn.peer_bytes,
             conn.listener.scheme,
@@ -1233,7 +1304,9 @@ class Exchange:
         self.conn.listener.metrics.count_upstream(route.name, status)
         self.status = status
         self.response_started = True
-        parts = [status_line(status, reason), *response_headers(headers)]
+        parts = [status_line(status, reason), *response_headers(headers, self)]
+        if route.cors is not None:  # the gateway's policy, not the upstream's
+            parts[1:] = relay(route.cors, parts[1:], self.inbound.origin)
         parts += (b"X-Request-Id: ", self.request_id.encode(), b"\r\n")
         if not self.request_done:
             self.keep_alive = False  # an early answer: the rest of the body is not read
@@ -1251,6 +1324,14 @@ class Exchange:
             parts.append(b"\r\n")
         self.conn.out.append(b"".join(parts))
         self.unsent_head = True
+
+    def rewrite_location(self, value: bytes) -> bytes:
+        """A Location or Content-Location of the upstream's answer, as the client sees it."""
+        route = self.route
+        redirects = route.redirects if route is not None else None
+        if redirects is None:
+            return value
+        return redirects.rewrite(value, self.inbound, self.conn.listener.scheme)
 
     def upstream_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -1286,9 +1367,10 @@ class Exchange:
             and not self.has_body
             and self.request_done
         ):
-            # A reused keep-alive connection the upstream had closed: once more, afresh.
+            # A reused keep-alive connection the upstream had closed, or (with several
+            # endpoints) one reset before any answer: once more, afresh, elsewhere if it can.
             self.retried = True
-            self._connect(route)
+            route.pool.reconnect(self, route.timeout, up.pool if up is not None else None)
             return
         self._upstream_done()
         errors = route.upstream_errors.get(kind)

@@ -22,8 +22,25 @@ def server_context(cfg: TLSConfig) -> ssl.SSLContext:
     ctx.minimum_version = _VERSIONS[cfg.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.sni_callback = _remember_server_name
     load_server_certificates(ctx, cfg)
     return ctx
+
+
+def _remember_server_name(
+    sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext
+) -> None:
+    """The handshake's server name (SNI), kept on the connection's SSL object: the server
+    side of Python's ssl has no getter for it. Certificates are not chosen by it."""
+    if name is not None:
+        sslobj._gateway_server_name = name.lower().rstrip(".")  # type: ignore[union-attr]
+    return None
+
+
+def server_name_of(sslobj: object) -> str | None:
+    """The server name a TLS client asked for, or None (none sent: a client connecting to
+    an IP address)."""
+    return getattr(sslobj, "_gateway_server_name", None)
 
 
 def load_server_certificates(ctx: ssl.SSLContext, cfg: TLSConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from typing import Protocol
@@ -27,6 +28,10 @@ log = logging.getLogger("gateway.upstream")
 # meets a connection the upstream is closing at that moment.
 MAX_IDLE_SECONDS = 1.5
 MAX_IDLE_CONNECTIONS = 1024  # per origin; more than this are closed when released
+# A pooled connection older than this is not used again (`upstream_max_connection_age`):
+# behind a Kubernetes ClusterIP Service each connection is pinned to one pod, so only new
+# connections reach new pods.
+MAX_CONNECTION_AGE = 60.0
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 MAX_RESPONSE_HEADERS = 256
 _WRITE_HIGH_WATER = 32 * 1024
@@ -71,28 +76,70 @@ def _framing_field(name: bytes) -> int:
     return kind
 
 
+class EndpointStats:
+    """Counters of one configured endpoint (all its resolved addresses), for the metrics.
+    Nothing is added on the request path: requests are the exchanges of its connections,
+    summed when scraped (and when a connection ends)."""
+
+    __slots__ = ("ejections", "ended", "failures", "live")
+
+    def __init__(self) -> None:
+        self.ended = 0  # exchanges of connections that have ended
+        self.live: set[UpstreamConnection] = set()
+        self.failures: dict[str, int] = {}  # "refused", "timeout", "reset"
+        self.ejections = 0
+
+    @property
+    def requests(self) -> int:
+        return self.ended + sum(conn.exchanges for conn in self.live)
+
+    def failed(self, kind: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+
+
+class ConnectFailed(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind  # "refused" or "timeout"
+
+
 class _SkipBody(Exception):
     """Raised from on_headers_complete to end a HEAD answer at its head: llhttp cannot know
     that the request was HEAD, and would wait for the body its Content-Length announces."""
 
 
 class Pool:
-    """Keep-alive connections to one origin, most recently used first."""
+    """Keep-alive connections to one origin (or one resolved address of it), most recently
+    used first."""
 
     def __init__(
         self,
         upstream: Upstream,
         ssl_context: ssl.SSLContext | None,
         max_idle: float = MAX_IDLE_SECONDS,
+        *,
+        address: str | None = None,
+        stats: EndpointStats | None = None,
+        max_age: float = MAX_CONNECTION_AGE,
     ) -> None:
         self.upstream = upstream
         self.host = upstream.host
+        self.address = address or upstream.host  # what is connected to
         self.port = upstream.port
         self.ssl = ssl_context if upstream.scheme == "https" else None
         self.max_idle = max_idle
+        self.max_age = max_age or math.inf  # 0: no maximum
         self.idle: list[UpstreamConnection] = []
         self.opened = 0  # connections ever opened (tests and the benchmark read it)
         self.closed = False
+        self.stats = stats or EndpointStats()
+        self.live: set[UpstreamConnection] = set()  # opened here, not yet closed
+        # Health, kept by a Balancer: consecutive connect failures, ejected until when.
+        self.eject_after = 0  # 0: never ejected (a route with one endpoint)
+        self.cooldown = 0.0
+        self.connect_failures = 0
+        self.ejected_until = 0.0
+        self.alternatives = False  # another endpoint could take a retried request
         default = 443 if upstream.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if self.port == default else f"{host}:{self.port}").encode()
@@ -103,7 +150,11 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.reusable and now - conn.idle_since < self.max_idle:
+            if (
+                conn.reusable
+                and now - conn.idle_since < self.max_idle
+                and now - conn.born < self.max_age
+            ):
                 return conn
             conn.close()
         return None
@@ -113,12 +164,22 @@ class Pool:
         return asyncio.get_running_loop().create_task(self._open(receiver, timeout))
 
     async def _open(self, receiver: Receiver, timeout: float) -> None:
+        try:
+            conn = await self.connect(timeout)
+        except ConnectFailed as exc:
+            receiver.upstream_failed(exc.kind, False)
+            return
+        receiver.upstream_ready(conn)
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        """A new connection; raises ConnectFailed (counted, and ejecting after
+        `eject_after` in a row)."""
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: UpstreamConnection(self),
-                    self.host,
+                    self.address,
                     self.port,
                     ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None,
@@ -126,21 +187,52 @@ class Pool:
                 timeout,
             )
         except TimeoutError:
-            receiver.upstream_failed("timeout", False)
-            return
+            self._connect_failed("timeout")
+            raise ConnectFailed("timeout") from None
         except (OSError, ssl.SSLError) as exc:
             log.debug("upstream %s: connect failed: %s", self.upstream.origin, type(exc).__name__)
-            receiver.upstream_failed("refused", False)
-            return
+            self._connect_failed("refused")
+            raise ConnectFailed("refused") from None
         self.opened += 1
-        receiver.upstream_ready(conn)
+        self.connect_failures = 0
+        self.live.add(conn)
+        self.stats.live.add(conn)
+        return conn
+
+    @property
+    def active(self) -> int:
+        """Exchanges in progress (balance: least_requests): open connections not idle."""
+        return len(self.live) - len(self.idle)
+
+    def _connect_failed(self, kind: str) -> None:
+        self.stats.failed(kind)
+        self.connect_failures += 1
+        if self.eject_after and self.connect_failures >= self.eject_after:
+            now = time.monotonic()
+            if self.ejected_until <= now:
+                self.stats.ejections += 1
+                log.warning(
+                    "upstream %s (%s): %d connect failures in a row, out for %g s",
+                    self.upstream.origin,
+                    self.address,
+                    self.connect_failures,
+                    self.cooldown,
+                )
+            self.ejected_until = now + self.cooldown
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self.idle) >= MAX_IDLE_CONNECTIONS:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        now = conn.idle_since = time.monotonic()
+        if now - conn.born >= self.max_age:
+            conn.close()
+            return
         self.idle.append(conn)
+
+    def reconnect(self, receiver: Receiver, timeout: float, failed: Pool | None) -> None:
+        """A retry after a reset: a new connection (a Balancer picks another endpoint)."""
+        self.open(receiver, timeout)
 
     def sweep(self, now: float) -> None:
         """Close connections idle for longer than max_idle (the oldest are first)."""
@@ -172,6 +264,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         "_reason",
         "_skip",
         "_skipping",
+        "born",
         "exchanges",
         "got_bytes",
         "idle_since",
@@ -188,6 +281,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        self.born = time.monotonic()
         self.parser = HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.receiver: Receiver | None = None
@@ -316,6 +410,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         receiver = self.receiver
+        pool = self.pool
+        if self in pool.live:
+            pool.live.discard(self)
+            pool.stats.live.discard(self)
+            pool.stats.ended += self.exchanges
         if receiver is None:
             return
         self.receiver = None
@@ -323,7 +422,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.started = False
             receiver.upstream_end()  # a close-delimited answer ends here
             return
-        retryable = not self.got_bytes and self.exchanges > 1
+        pool.stats.failed("reset")
+        # Nothing came back: a reused connection the upstream had closed, or (with another
+        # endpoint to go to) one reset before answering; the exchange decides on a retry.
+        retryable = not self.got_bytes and (self.exchanges > 1 or pool.alternatives)
         receiver.upstream_failed("reset", retryable)
 
     # ------------------------------------------------------------------ parser callbacks

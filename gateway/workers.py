@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gateway.admin import add_purge_route, purge_answer
+from gateway.admin import add_purge_route, new_admin_app, purge_answer
 from gateway.config import Config, ConfigError, load_config
 
 log = logging.getLogger("gateway.workers")
@@ -140,7 +140,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ group admin
     def _admin_app(self) -> web.Application:
-        app = web.Application()
+        app = new_admin_app()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

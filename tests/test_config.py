@@ -368,9 +368,9 @@ INVALID: list[tuple[str, list[Mutation], list[str]]] = [
         ["routes[1].upstream: not an http(s) URL"],
     ),
     (
-        "upstream-path",
-        [_set("routes.1.upstream", "http://h/api")],
-        ["routes[1].upstream: must be an origin (scheme://host[:port]) without path or query"],
+        "upstream-query",
+        [_set("routes.1.upstream", "http://h/api?x=1")],
+        ["routes[1].upstream: must not contain a query or fragment"],
     ),
     (
         "upstream-creds",

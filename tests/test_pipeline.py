@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.cache import token_key
-from gateway.config import Config, Upstream
+from gateway.config import Config, Route, Upstream
 from gateway.decision import NOT_FOUND, SERVICE_UNAVAILABLE, Denial
 from gateway.metrics import Metrics
 from gateway.pipeline import (
@@ -53,7 +53,8 @@ def config(routes: list[dict[str, Any]] | None = None, **overrides: Any) -> Conf
 def plan_of(cfg: Config, pools: dict[Upstream, Pool] | None = None) -> Plan:
     pools = {} if pools is None else pools
 
-    def pool_for(upstream: Upstream) -> Pool:
+    def pool_for(route: Route) -> Pool:
+        upstream = route.upstream
         if upstream not in pools:
             pools[upstream] = Pool(upstream, None)
         return pools[upstream]
@@ -175,7 +176,7 @@ def test_no_route_is_404_and_not_remembered() -> None:
 def test_the_same_method_and_target_get_the_same_routed(plan: Plan) -> None:
     first = routed(plan, b"GET", b"/api/x?q=1")
     assert routed(plan, b"GET", b"/api/x?q=1") is first
-    assert plan.routed == {(b"GET", b"/api/x?q=1"): first}
+    assert plan.routed == {(b"GET", b"/api/x?q=1", None): first}
     # Another method or another spelling of the target is its own entry.
     head = routed(plan, b"HEAD", b"/api/x?q=1")
     dotted = routed(plan, b"GET", b"/api/./x?q=1")
@@ -206,7 +207,7 @@ def test_route_cache_belongs_to_its_plan() -> None:
     after = routed(new, b"GET", b"/public/a")
     assert after.route.name == "moved"
     assert routed(old, b"GET", b"/public/a") is before  # a request keeps its plan
-    assert (b"GET", b"/public/a") in new.routed and new.routed is not old.routed
+    assert (b"GET", b"/public/a", None) in new.routed and new.routed is not old.routed
 
 
 def test_route_cache_is_bounded(plan: Plan) -> None:
@@ -217,7 +218,7 @@ def test_route_cache_is_bounded(plan: Plan) -> None:
     assert routed(plan, b"GET", b"/api/0") is first  # still remembered at the bound
     extra = routed(plan, b"GET", b"/api/extra")
     assert len(plan.routed) <= _ROUTED_CACHE_SIZE
-    assert plan.routed[(b"GET", b"/api/extra")] is extra
+    assert plan.routed[(b"GET", b"/api/extra", None)] is extra
     again = routed(plan, b"GET", b"/api/0")
     assert again == first  # routed afresh after the cache was emptied
     for i in range(3 * _ROUTED_CACHE_SIZE):
