@@ -23,7 +23,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.metrics import Counter
@@ -87,6 +87,12 @@ def admin_app(
     if purge is not None:  # without it the path does not exist at all
         add_purge_route(app, token_source(admin_token), _purge_here(purge, purges))
     return app
+
+
+# Answers aiohttp makes before any application hook runs (a request it cannot parse: a bad
+# request line, a head too large) take the module's default Server value: name no versions
+# there either. Only aiohttp's server answers read it; its client's User-Agent is separate.
+setattr(web_response, "SERVER_SOFTWARE", SERVER)  # noqa: B010  # not exported: mypy
 
 
 def new_admin_app() -> web.Application:

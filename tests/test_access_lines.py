@@ -40,6 +40,15 @@ async def test_no_server_version_on_own_answers_upstream_server_passes(
                 assert resp.headers.getall("Server", []) == ["gateway"], path
         async with session.post(f"{gw.admin_url}/healthz") as resp:  # 405 from aiohttp
             assert resp.headers.getall("Server", []) == ["gateway"]
+    # A request aiohttp cannot parse is answered before any application hook runs.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.admin_port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.") and b" 400 " in raw.split(b"\r\n")[0], raw[:40]
+    assert b"aiohttp" not in raw and b"Python/" not in raw, raw
+    async with aiohttp.ClientSession() as session:
         for path in ("/api/x", "/nowhere"):  # 401 and 404, answered by the proxy itself
             async with session.get(f"{gw.url}{path}") as resp:
                 assert resp.status in (401, 404)
