@@ -277,6 +277,7 @@ class Gateway:
         listener = self._listener
         if listener is not None:
             listener.plan = Plan(new, self._pool_for, self.metrics)
+            listener.reloaded(new.shutdown_timeout)  # WebSockets of the old config end
         if self._verdicts is not None:
             if new.cache != old.cache:
                 self._verdicts.reconfigure(new.cache)

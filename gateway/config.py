@@ -108,6 +108,8 @@ class Route:
     strip_prefix: bool = False  # forward the path without the matched path_prefix
     preserve_host: bool = False  # send the client's Host upstream, not the upstream's
     rewrite_redirects: bool = True  # map Location/Content-Location back to the client's URL
+    websocket: bool = False  # relay `Upgrade: websocket` handshakes (and the socket after)
+    websocket_max_lifetime: float = 0.0  # seconds a WebSocket may live; 0 = no limit
 
     @property
     def endpoints(self) -> tuple[Upstream, ...]:
@@ -1255,6 +1257,8 @@ class _Validator:
                 "strip_prefix",
                 "preserve_host",
                 "rewrite_redirects",
+                "websocket",
+                "websocket_max_lifetime",
             },
         )
         if not m and raw is None:
@@ -1314,8 +1318,17 @@ class _Validator:
                 ("strip_prefix", False),
                 ("preserve_host", False),
                 ("rewrite_redirects", True),
+                ("websocket", False),
             )
         }
+        ws_lifetime = g(
+            lambda: self.number(
+                f"{p}.websocket_max_lifetime",
+                m.get("websocket_max_lifetime", 0),
+                exclusive=False,
+            ),
+            None,
+        )
         name = g(lambda: self.string(f"{p}.name", m.get("name", prefix or f"route{index}")), None)
         if name is not None and not re.match(r"^[A-Za-z0-9._/:~-]+$", name):
             self.problems.append(f"{p}.name: use letters, digits and ._/:~-")
@@ -1326,6 +1339,7 @@ class _Validator:
             or balance is None
             or hosts is None
             or None in flags.values()
+            or ws_lifetime is None
         ):
             raise _Invalid()
         if cors is ...:
@@ -1350,6 +1364,8 @@ class _Validator:
             strip_prefix=bool(flags["strip_prefix"]),
             preserve_host=bool(flags["preserve_host"]),
             rewrite_redirects=bool(flags["rewrite_redirects"]),
+            websocket=bool(flags["websocket"]),
+            websocket_max_lifetime=ws_lifetime,
         )
 
     def hosts(self, path: str, value: Any) -> tuple[str, ...]:

@@ -260,6 +260,19 @@ class Metrics:
         self.open_connections = Gauge(
             "gateway_open_connections", "Client connections open on the proxy listener.", registry=r
         )
+        self.websockets_open = Gauge(
+            "gateway_websockets_open",
+            "WebSockets open through the gateway (after the upstream's 101), by route.",
+            ["route"],
+            registry=r,
+        )
+        self.websocket_duration = Histogram(
+            "gateway_websocket_duration_seconds",
+            "How long WebSockets stayed open, from the 101 until both sides were closed.",
+            ["route"],
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+            registry=r,
+        )
         self.reloads = Counter(
             "gateway_config_reloads",
             "Config reloads (SIGHUP) by result: success, error (the old config stays).",

@@ -49,6 +49,7 @@ from gateway.pipeline import (
 )
 from gateway.proxy import response_headers
 from gateway.tls import server_name_of
+from gateway.tunnel import Tunnel
 from gateway.upstream import CHUNKED, STREAM, Pool, UpstreamConnection
 from gateway.verdict import Active, Verdict
 
@@ -138,6 +139,7 @@ class Listener:
         self.buffered = 0
         self.buffered_high = 0  # since memory was last given back
         self.heads: dict[ClientConnection, None] = {}
+        self.tunnels: set[Tunnel] = set()  # open WebSockets
         self.per_client: dict[str, int] = {}  # open connections per untrusted peer address
         self.refusing = 0  # connections refused at accept, still lingering
         self._sweeper: asyncio.TimerHandle | None = None
@@ -167,6 +169,10 @@ class Listener:
         try:
             for conn in list(self.connections):
                 conn.check(now)
+            if self.tunnels:
+                idle = self.limits.idle_timeout
+                for tunnel in list(self.tunnels):
+                    tunnel.check(now, idle)
             for pool in self.pools.values():
                 pool.sweep(now)
             if self.buffered_high >= _RELEASE_AFTER and self.buffered <= self.buffered_high // 8:
@@ -181,6 +187,12 @@ class Listener:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+    def reloaded(self, grace: float) -> None:
+        """A new config: open WebSockets may run on for `grace` seconds, then are closed."""
+        deadline = time.monotonic() + grace
+        for tunnel in self.tunnels:
+            tunnel.finish_by(deadline)
 
     # ------------------------------------------------------------------ memory
     def hold(self, nbytes: int) -> None:
@@ -278,6 +290,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.client: str | None = None  # counted against max_connections_per_client
         self.refusing = False  # refused at accept, lingering
         self.cur: Exchange | None = None  # the exchange being answered
+        self.upgrading = False  # the parser stopped at an upgrade request
+        self.tunnel: Tunnel | None = None  # a WebSocket now owns the transport
         self.parsing: Exchange | None = None  # the exchange whose body is being read
         self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for cur
         self.out: list[bytes] = []
@@ -374,8 +388,14 @@ class ClientConnection(asyncio.BufferedProtocol):
                     return  # this one was shed
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade:
-            self.pause(_PAUSE_DONE)  # Upgrade or CONNECT: answered as a plain request, then closed
+        except HttpParserUpgrade as exc:
+            # Upgrade or CONNECT: answered as a plain request, then closed; a WebSocket
+            # handshake on a websocket route is relayed (WebSocketExchange).
+            self.pause(_PAUSE_DONE)
+            self.upgrading = True
+            last = self.queue[-1] if self.queue else self.cur
+            if isinstance(last, WebSocketExchange) and not last.finished:
+                last.sent = bytes(data[exc.args[0] :])  # sent after the head: goes up later
         except HttpParserError as exc:  # httptools wraps what a callback raised (_Refused)
             if not isinstance(exc.__context__, _Refused):
                 self._parse_failed(_MALFORMED, type(exc).__name__)
@@ -496,8 +516,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         if version != "1.1" and version != "1.0":
             self._parse_failed(_MALFORMED, "HTTP version " + version)
             raise _Refused
-        ex = Exchange(self, method, self.url, headers, version == "1.1")
-        if not parser.should_keep_alive() or parser.should_upgrade():
+        upgrade = parser.should_upgrade()
+        if upgrade and _asks_websocket(headers):
+            ex: Exchange = WebSocketExchange(self, method, self.url, headers, version == "1.1")
+        else:
+            ex = Exchange(self, method, self.url, headers, version == "1.1")
+        if upgrade or not parser.should_keep_alive():
             ex.keep_alive = False
         self.parsing = ex
         if ex.has_body:  # the body must keep arriving, until on_message_complete
@@ -601,7 +625,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.closed:
             return
         if not ex.keep_alive or not ex.request_done:
-            if self.parsing is not None or not ex.request_done:
+            if self.parsing is not None or not ex.request_done or self.upgrading:
+                # (after an upgrade request, the client may already send the new protocol)
                 self.linger()
             else:
                 self.close()
@@ -631,7 +656,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def close_when_idle(self) -> None:
-        if self.cur is None and self.parsing is None and not self.head_bytes:
+        if (
+            self.cur is None
+            and self.parsing is None
+            and not self.head_bytes
+            and self.tunnel is None  # a WebSocket runs on until shutdown_timeout
+        ):
             self.close()
 
     def _parse_failed(self, refusal: tuple[int, str, str], why: str) -> None:
@@ -1396,6 +1426,11 @@ class Exchange:
         if self.conn.out:
             self.conn.flush()
 
+    def upstream_upgraded(
+        self, reason: bytes, headers: list[tuple[bytes, bytes]], sent: bytes
+    ) -> None:
+        self.upstream_failed("protocol", False)  # never asked for (see WebSocketExchange)
+
     def upstream_flush(self) -> None:
         self.unsent_head = False
         if self.conn.out:
@@ -1417,3 +1452,94 @@ class Exchange:
             route = self.route
             if route is not None:
                 route.upstream_duration.observe(self.upstream_seconds)
+
+
+_WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def _asks_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    """An upgrade request whose Upgrade names websocket (only asked when llhttp reports an
+    upgrade: the ordinary request path never comes here)."""
+    for name, value in headers:
+        if name.lower() == b"upgrade":
+            return any(t.strip().lower() == b"websocket" for t in value.split(b","))
+    return False
+
+
+class WebSocketExchange(Exchange):
+    """A request with `Upgrade: websocket`. On a route with `websocket: true` (a GET without
+    a body) it is checked like any request, then forwarded as a handshake (Connection and
+    Upgrade restored, the Sec-WebSocket-* fields passed as any end-to-end header); the
+    upstream's 101 is relayed and a `Tunnel` takes both connections. Anywhere else, and for
+    any other answer of the upstream, it is an ordinary request after which the connection
+    closes, as any upgrade request."""
+
+    __slots__ = ("handshake", "sent")
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: bytes,
+        raw_target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        http11: bool,
+    ) -> None:
+        super().__init__(conn, method, raw_target, headers, http11)
+        self.handshake = False
+        self.sent = b""  # bytes the client sent after the head, before any answer
+
+    def _connect(self, route: CompiledRoute) -> None:
+        if route.route.websocket and self.method == b"GET" and self.http11 and not self.has_body:
+            self.handshake = True
+            # request_head ends with the blank line: the upgrade fields go before it
+            self.upstream_head_bytes = self.upstream_head_bytes[:-2] + _WEBSOCKET_UPGRADE
+        super()._connect(route)
+
+    def upstream_ready(self, conn: UpstreamConnection) -> None:
+        super().upstream_ready(conn)
+        if self.handshake and self.up is conn:
+            conn.upgrade = True
+
+    def upstream_upgraded(
+        self, reason: bytes, headers: list[tuple[bytes, bytes]], sent: bytes
+    ) -> None:
+        up, self.up = self.up, None
+        route = self.route
+        conn = self.conn
+        client = conn.transport
+        if up is None or route is None or self.gone or conn.closed or client is None:
+            if up is not None:
+                up.abort()
+            return
+        upstream = up.transport
+        assert upstream is not None
+        listener = conn.listener
+        listener.metrics.count_upstream(route.name, 101)
+        self._upstream_done()
+        self.status = 101
+        self.response_started = self.response_done = True
+        parts = [status_line(101, reason), *response_headers(headers)]
+        parts += (b"X-Request-Id: ", self.request_id.encode(), b"\r\n", _WEBSOCKET_UPGRADE)
+        conn.out.append(b"".join(parts))
+        conn.flush()
+        self.finished = True
+        listener.account(self)  # the handshake's line; the socket's life is in the metrics
+        conn.cur = None
+        conn.deadline = conn.write_deadline = _NEVER
+        conn.deadline_kind = _NONE
+
+        def client_lost() -> None:
+            conn.connection_lost(None)
+
+        tunnel = conn.tunnel = Tunnel(
+            route.name,
+            client,
+            upstream,
+            route.route.websocket_max_lifetime,
+            listener.metrics,
+            listener.tunnels,
+            client_lost,
+            up.ended,
+        )
+        tunnel.start(self.sent, sent)
+        self.sent = b""

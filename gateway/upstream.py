@@ -15,7 +15,7 @@ import ssl
 import time
 from typing import Protocol
 
-from httptools import HttpParserError, HttpResponseParser
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.config import Upstream
 from gateway.http import READ_BUFFER, valid_reason
@@ -49,6 +49,7 @@ class Receiver(Protocol):
     def upstream_end(self) -> None: ...
     def upstream_failed(self, kind: str, retryable: bool) -> None: ...
     def upstream_flush(self) -> None: ...
+    def upstream_upgraded(self, reason: bytes, headers: list[tuple[bytes, bytes]], sent: bytes) -> None: ...  # fmt: skip  # noqa: E501
     def pause_upload(self) -> None: ...
     def resume_upload(self) -> None: ...
 
@@ -264,6 +265,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         "_reason",
         "_skip",
         "_skipping",
+        "_switch",
         "born",
         "exchanges",
         "got_bytes",
@@ -277,6 +279,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         "reusable",
         "started",
         "transport",
+        "upgrade",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -302,6 +305,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._early = False
         self._skip = False
         self._skipping = False
+        self.upgrade = False  # a WebSocket handshake was sent: a 101 is the answer hoped for
+        self._switch: tuple[bytes, list[tuple[bytes, bytes]]] | None = None
 
     # ------------------------------------------------------------------ the exchange's side
     def start(self, receiver: Receiver, head: bytes, head_request: bool) -> None:
@@ -315,6 +320,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.started = False
         self._head_bytes = 0
         self._skip = head_request
+        self.upgrade = False
         assert self.transport is not None
         if self.read_paused:  # paused for a slow reader of the exchange before
             self.read_paused = False
@@ -390,6 +396,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._switched(bytes(data[exc.args[0] :]))
+            return
         except HttpParserError:
             if not self._skipping:
                 self._fail("protocol")
@@ -462,8 +471,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             # (Only counted when what arrived so far could hold a head that large.)
             raise HttpParserError("response head too large")
         if status < 200:
-            if status == 101:  # the gateway never asks for an upgrade
-                raise HttpParserError("unrequested upgrade")
+            if status == 101:
+                if not self.upgrade:  # only a WebSocket handshake asks for one
+                    raise HttpParserError("unrequested upgrade")
+                if not parser.should_upgrade():  # no Upgrade and Connection: upgrade
+                    raise HttpParserError("101 without an upgrade")
+                self._switch = (reason, self._headers)
+                self._interim = True  # no message end to act on; feed_data stops here
+                return
             self._interim = True
             receiver.upstream_interim(status, reason, self._headers)
             return
@@ -504,6 +519,25 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._complete(self.parser.should_keep_alive() and self._keep_alive)
 
     # ------------------------------------------------------------------ endings
+    def _switched(self, sent: bytes) -> None:
+        """The upstream's 101: the connection leaves HTTP (and the pool) for a WebSocket;
+        `sent` is what followed the head in the same read."""
+        receiver, switch = self.receiver, self._switch
+        self.receiver = None
+        self._switch = None
+        if receiver is None or switch is None:
+            self.close()
+            return
+        receiver.upstream_upgraded(switch[0], switch[1], sent)
+
+    def ended(self) -> None:
+        """A connection handed over (a WebSocket) has closed: the pool's accounting."""
+        pool = self.pool
+        if self in pool.live:
+            pool.live.discard(self)
+            pool.stats.live.discard(self)
+            pool.stats.ended += self.exchanges
+
     def _end_head_only(self, clean: bool) -> None:
         self.parser = HttpResponseParser(self)
         self._complete(self._keep_alive and clean)

@@ -68,6 +68,10 @@ class Recorder:
     def upstream_flush(self) -> None:
         self.events.append(("flush",))
 
+    def upstream_upgraded(self, reason: bytes, headers: Headers, sent: bytes) -> None:
+        self.events.append(("upgraded", reason, sent))
+        self.settled.set()
+
     def pause_upload(self) -> None:
         self.events.append(("pause",))
         self.paused.set()
