@@ -259,9 +259,8 @@ async def test_websocket_on_a_route_without_websocket_true_is_refused_as_before(
     start_gateway: StartGateway, emulator: Emulator, ws_upstream: WsUpstream, upstream: str
 ) -> None:
     emulator.add_token(TOKEN, scopes=["chat"])
-    gw = await start_gateway(
-        [*ws_routes(ws_upstream.url), {"name": "echo", "path_prefix": "/echo", "upstream": upstream}]
-    )
+    echo = {"name": "echo", "path_prefix": "/echo", "upstream": upstream}
+    gw = await start_gateway([*ws_routes(ws_upstream.url), echo])
     # What it has always been: a plain request without Upgrade, then the connection closes.
     status, headers, body = await _refused(gw, handshake("/echo/x", auth()))
     assert status == 200 and headers["connection"] == "close"
@@ -532,4 +531,3 @@ async def _wait(predicate: Any, what: str, timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"waited {timeout:g}s for {what}")
         await asyncio.sleep(0.01)
-
