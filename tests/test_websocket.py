@@ -27,6 +27,7 @@ from websockets.http11 import Request
 
 from gateway.emulator import Emulator
 from gateway.tunnel import HIGH_WATER
+from tests import test_tls
 from tests.conftest import (
     SERVICE_ID,
     SERVICE_TOKEN,
@@ -37,6 +38,9 @@ from tests.conftest import (
     read_until_closed,
     wait_for_port,
 )
+from tests.test_tls import Pki, client_context, tls_config
+
+pki = test_tls.pki  # the fixture: test certificates, made once per session
 
 TOKEN = "tok-websocket"
 FLOOD_MESSAGE = 64 * 1024
@@ -531,3 +535,23 @@ async def _wait(predicate: Any, what: str, timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"waited {timeout:g}s for {what}")
         await asyncio.sleep(0.01)
+
+
+async def test_wss_on_a_tls_listener(
+    start_gateway: StartGateway, emulator: Emulator, ws_upstream: WsUpstream, pki: Pki
+) -> None:
+    emulator.add_token(TOKEN, subject="alice", scopes=["chat"])
+    gw = await start_gateway(ws_routes(ws_upstream.url), tls=tls_config(pki))
+    async with await connect(
+        f"wss://localhost:{gw.port}/ws/x",
+        ssl=client_context(pki),
+        additional_headers={"Authorization": f"Bearer {TOKEN}"},
+        proxy=None,
+        ping_interval=None,
+        max_size=None,
+    ) as ws:
+        blob = os.urandom(1_000_000)
+        await ws.send(blob)
+        assert await ws.recv() == blob
+    assert ws_upstream.handshakes[0]["X-Forwarded-Proto"] == "https"
+    await _wait(lambda: metric(gw, "gateway_websockets_open", route="ws") == 0, "gauge at 0")
