@@ -143,6 +143,9 @@ class Tunnel:
             self.on_client_lost()
         else:
             self.on_upstream_lost()
+        if not (self.client.lost and self.upstream.lost):
+            self.close()  # the other side: once written, or cut by `check` after the grace
+            return
         if not self.done:
             self.done = True
             self.tunnels.discard(self)
@@ -150,7 +153,6 @@ class Tunnel:
             self.metrics.websocket_duration.labels(self.route).observe(
                 time.monotonic() - self.opened
             )
-        self.close()
 
     def check(self, now: float, idle_timeout: float) -> None:
         """The sweep's visit: silence both ways, the lifetime, a close that does not end."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -555,3 +556,52 @@ async def test_wss_on_a_tls_listener(
         assert await ws.recv() == blob
     assert ws_upstream.handshakes[0]["X-Forwarded-Proto"] == "https"
     await _wait(lambda: metric(gw, "gateway_websockets_open", route="ws") == 0, "gauge at 0")
+
+
+async def test_a_side_that_stops_reading_after_the_other_closed_is_cut(
+    start_gateway: StartGateway, emulator: Emulator
+) -> None:
+    """An upstream that answers 101 and then never reads; the client floods, then goes.
+    Reading the client is paused (backpressure), so its going is seen only when the socket
+    falls silent: after idle_timeout both sides are closed, and the bytes the gateway holds
+    for the upstream are dropped after the close grace. (Bytes, not frames: nothing is
+    decoded on the way.)"""
+    emulator.add_token(TOKEN, scopes=["chat"])
+    writers: list[asyncio.StreamWriter] = []
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = headers_of(head)["sec-websocket-key"]
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        ).decode()
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+        )
+        writers.append(writer)
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+
+    server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await start_gateway(ws_routes(f"http://127.0.0.1:{port}"), limits={"idle_timeout": 1})
+        listener = gw.gateway._listener
+        assert listener is not None
+        reader, writer = await open_raw(gw.port, handshake("/ws/x", auth()))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert status_of(head) == 101
+        for _ in range(64):
+            writer.write(b"\x00" * 65536)
+        await asyncio.sleep(0.5)
+        writer.transport.abort()
+        cut = time.monotonic()
+        await _wait(lambda: not listener.tunnels, "the tunnel to be cut", timeout=10)
+        assert time.monotonic() - cut > 4  # idle_timeout, then the grace
+        assert metric(gw, "gateway_websockets_open", route="ws") == 0
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
