@@ -74,6 +74,8 @@ class Gateway:
         self._upstream_tls: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
         self._listener: Listener | None = None
+        self._decision_server: asyncio.Server | None = None
+        self._decision_listener: Listener | None = None  # `decision_listen`
         self._admin_runner: web.AppRunner | None = None
         self._authlete_session: aiohttp.ClientSession | None = None
         self._introspector: Introspector | None = None
@@ -82,6 +84,7 @@ class Gateway:
         self._verdicts: Verdicts | None = None
         self.proxy_port = 0
         self.admin_port = 0
+        self.decision_port = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -115,30 +118,43 @@ class Gateway:
 
         if cfg.tls is not None:
             self._tls = server_context(cfg.tls)
+        plan = Plan(cfg, self._pool_for, self.metrics)
+        access_log = AccessLog() if cfg.log.access else None
         listener = self._listener = Listener(
-            Plan(cfg, self._pool_for, self.metrics),
+            plan,
             verdicts,
             self.metrics,
             cfg.limits,
             self.pools,
-            AccessLog() if cfg.log.access else None,
+            access_log,
             tls=self._tls is not None,
         )
-        self.metrics.open_connections.set_function(lambda: len(listener.connections))
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            listener,
-            cfg.listen.host,
-            cfg.listen.port,
-            backlog=1024,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            ssl=self._tls,
-            # A connection that never finishes its handshake is not held for asyncio's 60 s.
-            ssl_handshake_timeout=cfg.limits.header_timeout if self._tls is not None else None,
-        )
+        self._server = await self._serve(listener, cfg.listen.host, cfg.listen.port)
         self.proxy_port = int(self._server.sockets[0].getsockname()[1])
         listener.start_sweeping()
+        decision_at = cfg.decision.listen if cfg.decision is not None else None
+        if decision_at is not None:
+            decisions = self._decision_listener = Listener(
+                plan,
+                verdicts,
+                self.metrics,
+                cfg.limits,
+                self.pools,
+                access_log,
+                tls=self._tls is not None,
+                decision_only=True,
+            )
+            self._decision_server = await self._serve(decisions, decision_at.host, decision_at.port)
+            self.decision_port = int(self._decision_server.sockets[0].getsockname()[1])
+            decisions.start_sweeping()
+        self.metrics.open_connections.set_function(
+            lambda: sum(len(li.connections) for li in self._listeners())
+        )
+        if cfg.decision is not None and not cfg.trusted_proxies:
+            log.warning(
+                "decision mode is on but trusted_proxies is empty: every decision request "
+                "is refused (403); list the ingress's addresses"
+            )
 
         admin = admin_app(
             self.metrics.registry,
@@ -166,22 +182,49 @@ class Gateway:
             admin_at,
             len(cfg.routes),
         )
+        if cfg.decision is not None:
+            where = (
+                f"{decision_at.host}:{self.decision_port}" if decision_at else "the proxy listener"
+            )
+            log.info("decision endpoint: %s on %s", cfg.decision.path, where)
+
+    async def _serve(self, listener: Listener, host: str, port: int) -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(
+            listener,
+            host,
+            port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            ssl=self._tls,
+            # A connection that never finishes its handshake is not held for asyncio's 60 s.
+            ssl_handshake_timeout=self.cfg.limits.header_timeout if self._tls is not None else None,
+        )
+
+    def _listeners(self) -> list[Listener]:
+        return [li for li in (self._listener, self._decision_listener) if li is not None]
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close everything."""
         self.ready = False
         if self._prober is not None:
             self._prober.cancel()
-        listener = self._listener
-        if self._server is not None:
-            self._server.close()
-        if listener is not None:
-            listener.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(listener.emptied.wait(), self.cfg.shutdown_timeout)
-            for conn in list(listener.connections):
+        for server in (self._server, self._decision_server):
+            if server is not None:
+                server.close()
+        listeners = self._listeners()
+        for one in listeners:
+            one.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(li.emptied.wait() for li in listeners)),
+                self.cfg.shutdown_timeout,
+            )
+        for one in listeners:
+            for conn in list(one.connections):
                 conn.abort()
-            listener.stop_sweeping()
+            one.stop_sweeping()
+        listener = self._listener
         for pool in self.pools.values():
             pool.close()
         if self._admin_runner is not None:
@@ -274,10 +317,15 @@ class Gateway:
             log.warning("config reload: shared applies after a restart")
             new = replace(new, shared=old.shared)
         self.cfg = new
+        old_at = old.decision.listen if old.decision is not None else None
+        new_at = new.decision.listen if new.decision is not None else None
+        if new_at != old_at:
+            log.warning("config reload: decision_listen changed to %s; restart to apply", new_at)
         listener = self._listener
-        if listener is not None:
-            listener.plan = Plan(new, self._pool_for, self.metrics)
-            listener.reloaded(new.shutdown_timeout)  # WebSockets of the old config end
+        plan = Plan(new, self._pool_for, self.metrics)
+        for one in self._listeners():
+            one.plan = plan
+            one.reloaded(new.shutdown_timeout)  # WebSockets of the old config end
         if self._verdicts is not None:
             if new.cache != old.cache:
                 self._verdicts.reconfigure(new.cache)
@@ -286,7 +334,9 @@ class Gateway:
         if listener is not None and new.log.access != old.log.access:
             if listener.access_log is not None:
                 listener.access_log.flush()
-            listener.access_log = AccessLog() if new.log.access else None
+            access_log = AccessLog() if new.log.access else None
+            for one in self._listeners():
+                one.access_log = access_log
         logging.getLogger().setLevel(new.log.level.upper())
         self.metrics.reloads.labels("success").inc()
         log.info("config reloaded: %d routes", len(new.routes))

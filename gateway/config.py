@@ -83,7 +83,7 @@ class Route:
     name: str
     path_prefix: str
     methods: frozenset[str] | None
-    upstream: Upstream
+    upstream: Upstream | None  # None: a decision-only route (decision mode, no forwarding)
     auth_required: bool
     scopes: tuple[str, ...]
     timeout: float
@@ -113,6 +113,8 @@ class Route:
 
     @property
     def endpoints(self) -> tuple[Upstream, ...]:
+        if self.upstream is None:
+            return ()
         return self.upstreams or (self.upstream,)
 
 
@@ -226,6 +228,16 @@ class SharedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionConfig:
+    """Decision mode: an ingress asks whether a request may pass, and as whom."""
+
+    path: str = "/_gateway/auth"
+    # Where decisions are answered: None = on the proxy listener, at `path`; an address =
+    # on a listener of their own (and nowhere else).
+    listen: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     token: str | None = field(default=None, repr=False)  # POST /cache/purge; None: 404
 
@@ -253,6 +265,7 @@ class Config:
     upstream_max_connection_age: float = 60.0  # seconds; 0 = pooled connections never age
     admin: AdminConfig = AdminConfig()
     cors: CorsConfig | None = None  # the global `cors:` section
+    decision: DecisionConfig | None = None  # None: no decision endpoint
 
 
 # --------------------------------------------------------------------------- reading
@@ -301,6 +314,11 @@ def _default_name(index: int, route: Route, taken: set[str]) -> str:
         if with_methods not in taken:
             return with_methods
     return f"{prefix}#{index}"
+
+
+def _same_socket(a: Address, b: Address) -> bool:
+    """Whether two listeners would bind the same port (port 0: a free one each)."""
+    return a.port != 0 and a.port == b.port and (a.host == b.host or "0.0.0.0" in (a.host, b.host))
 
 
 class _Invalid(Exception):
@@ -492,6 +510,8 @@ class _Validator:
                     "upstream_dns_ttl",
                     "upstream_max_connection_age",
                     "cors",
+                    "decision",
+                    "decision_listen",
                 },
             ),
             None,
@@ -525,9 +545,13 @@ class _Validator:
         cache = g(lambda: self.cache(top.get("cache")), None)
         headers = g(lambda: self.headers(top.get("headers")), None)
         limits = g(lambda: self.limits(top.get("limits")), None)
+        decision = g(lambda: self.decision(top.get("decision"), top.get("decision_listen")), False)
         routes = g(
             lambda: self.routes(
-                top.get("routes"), upstream_timeout or 30.0, limits or LimitsConfig()
+                top.get("routes"),
+                upstream_timeout or 30.0,
+                limits or LimitsConfig(),
+                decision is not None,
             ),
             None,
         )
@@ -552,14 +576,12 @@ class _Validator:
         shared = g(lambda: self.shared(top.get("shared"), authlete), False)
         admin_cfg = g(lambda: self.admin(top.get("admin")), None)
         cors = g(lambda: self.cors("cors", top.get("cors")), None)
-        if (
-            listen is not None
-            and admin is not None
-            and listen.port != 0
-            and listen.port == admin.port
-            and (listen.host == admin.host or "0.0.0.0" in (listen.host, admin.host))
-        ):
+        if listen is not None and admin is not None and _same_socket(listen, admin):
             self.problems.append("admin_listen: must differ from listen")
+        if decision and decision.listen is not None and listen is not None and admin is not None:
+            for key, other in (("listen", listen), ("admin_listen", admin)):
+                if _same_socket(decision.listen, other):
+                    self.problems.append(f"decision_listen: must differ from {key}")
         if self.problems:
             return None
         return Config(
@@ -584,6 +606,7 @@ class _Validator:
             upstream_max_connection_age=max_age,
             admin=admin_cfg,
             cors=cors or None,
+            decision=decision or None,
         )
 
     def limits(self, raw: Any) -> LimitsConfig:
@@ -811,6 +834,29 @@ class _Validator:
                 raise self.fail(path, "unix:// needs a socket path")
         else:
             raise self.fail(path, "not a redis://, rediss:// or unix:// URL")
+        return text
+
+    def decision(self, raw: Any, listen_raw: Any) -> DecisionConfig | None:
+        """`decision:` (a mapping, `{}` for the defaults) and `decision_listen`: either one
+        turns decision mode on."""
+        if raw is False or (raw is None and listen_raw is None):
+            return None
+        m = self.mapping("decision", raw, {"path"}) if raw not in (None, True) else {}
+        g = self.guard
+        path = g(lambda: self.decision_path("decision.path", m.get("path", "/_gateway/auth")), None)
+        listen: Address | None = None
+        if listen_raw is not None:
+            listen = g(lambda: self.address("decision_listen", listen_raw), None)
+            if listen is None:
+                raise _Invalid()
+        if path is None:
+            raise _Invalid()
+        return DecisionConfig(path=path, listen=listen)
+
+    def decision_path(self, path: str, value: Any) -> str:
+        text = self.path_prefix(path, value)
+        if text == "/":
+            raise self.fail(path, 'must not be "/" (it would take every request)')
         return text
 
     def admin(self, raw: Any) -> AdminConfig:
@@ -1206,7 +1252,9 @@ class _Validator:
             out.add(name.lower().replace("_", "-"))
         return frozenset(out)
 
-    def routes(self, raw: Any, default_timeout: float, limits: LimitsConfig) -> tuple[Route, ...]:
+    def routes(
+        self, raw: Any, default_timeout: float, limits: LimitsConfig, decision: bool = False
+    ) -> tuple[Route, ...]:
         if raw is None:
             raise self.fail("routes", "at least one route is required")
         if not isinstance(raw, list):
@@ -1216,7 +1264,7 @@ class _Validator:
         routes: list[Route | None] = []
         for i, item in enumerate(raw):
             try:
-                routes.append(self.route(i, item, default_timeout, limits))
+                routes.append(self.route(i, item, default_timeout, limits, decision))
             except _Invalid:
                 routes.append(None)
         named = [isinstance(item, Mapping) and "name" in item for item in raw]
@@ -1235,7 +1283,14 @@ class _Validator:
             raise _Invalid()
         return tuple(r for r in routes if r is not None)
 
-    def route(self, index: int, raw: Any, default_timeout: float, limits: LimitsConfig) -> Route:
+    def route(
+        self,
+        index: int,
+        raw: Any,
+        default_timeout: float,
+        limits: LimitsConfig,
+        decision: bool = False,
+    ) -> Route:
         p = f"routes[{index}]"
         m = self.mapping(
             p,
@@ -1266,8 +1321,10 @@ class _Validator:
         g = self.guard
         if "path_prefix" not in m:
             self.problems.append(f"{p}.path_prefix: is required")
-        if "upstream" not in m:
-            self.problems.append(f"{p}.upstream: is required")
+        if "upstream" not in m and not decision:
+            self.problems.append(
+                f"{p}.upstream: is required (a route without one needs decision mode: `decision:`)"
+            )
         prefix: Any = (
             g(lambda: self.path_prefix(f"{p}.path_prefix", m["path_prefix"]), None)
             if "path_prefix" in m
@@ -1276,7 +1333,7 @@ class _Validator:
         upstream: Any = (
             g(lambda: self.upstream_list(f"{p}.upstream", m["upstream"]), None)
             if "upstream" in m
-            else None
+            else ((), "")  # decision-only (without decision mode: the problem above)
         )
         balance = g(lambda: self.string(f"{p}.balance", m.get("balance", "round_robin")), None)
         if balance is not None and balance not in ("round_robin", "least_requests"):
@@ -1345,11 +1402,15 @@ class _Validator:
         if cors is ...:
             raise _Invalid()
         endpoints, base_path = upstream
+        if not endpoints:
+            for key in ("websocket", "strip_prefix", "preserve_host", "balance"):
+                if key in m:
+                    self.problems.append(f"{p}.{key}: needs an upstream")
         return Route(
             name=name,
             path_prefix=prefix,
             methods=methods,
-            upstream=endpoints[0],
+            upstream=endpoints[0] if endpoints else None,
             upstreams=endpoints if len(endpoints) > 1 else (),
             base_path=base_path,
             balance=balance,
@@ -1472,6 +1533,8 @@ def summary(cfg: Config) -> Iterator[str]:
             f"{sh.local_ttl:g}s  timeout {sh.timeout:g}s  fallback {sh.fallback_rate:g}/s"
         )
     yield f"purge endpoint: {'on' if cfg.admin.token else 'off (no admin.token)'}"
+    if cfg.decision is not None:
+        yield f"decision endpoint: {cfg.decision.path} on {cfg.decision.listen or cfg.listen}"
     yield f"{len(cfg.routes)} route(s), first match wins:"
     for r in cfg.routes:
         methods = ",".join(sorted(r.methods)) if r.methods else "*"
@@ -1480,4 +1543,5 @@ def summary(cfg: Config) -> Iterator[str]:
             if r.scopes
             else ("auth: token" if r.auth_required else "auth: none")
         )
-        yield f"  {r.name:<16} {methods:<10} {r.path_prefix:<20} -> {r.upstream.origin}  {auth}"
+        target = r.upstream.origin if r.upstream is not None else "(decisions only)"
+        yield f"  {r.name:<16} {methods:<10} {r.path_prefix:<20} -> {target}  {auth}"

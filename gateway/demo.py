@@ -52,7 +52,7 @@ async def run_demo(cfg: Config, tokens_file: str) -> int:
     gateway = Gateway(cfg)
     try:
         await emulator.start(parts.hostname or "127.0.0.1", parts.port or 80)
-        for upstream in sorted({(r.upstream.host, r.upstream.port) for r in cfg.routes}):
+        for upstream in sorted({(u.host, u.port) for r in cfg.routes for u in r.endpoints[:1]}):
             runner = web.AppRunner(echo_app(), access_log=None)
             await runner.setup()
             runners.append(runner)

@@ -89,7 +89,7 @@ def _fall_through(
     )
     if not broader.auth_required:
         return (
-            f"{head}, which is auth: none: they reach {broader.upstream.origin} WITHOUT a "
+            f"{head}, which is auth: none: they reach {_target(broader)} WITHOUT a "
             f"token; add a route for the other methods, or drop `methods`"
         )
     checks = f"only its own scopes ({' '.join(broader.scopes)})" if broader.scopes else "any token"
@@ -103,11 +103,15 @@ def _public_catch_all(route: Route, earlier: Sequence[Route]) -> str:
     methods = f" ({_names(route.methods)})" if route.methods is not None else ""
     return (
         f"route {route.name!r} (/) is a public catch-all{methods}: any path no earlier route "
-        f"matches is forwarded to {route.upstream.origin} without a token; the gateway "
+        f"matches is forwarded to {_target(route)} without a token; the gateway "
         f"matches whole segments ({example} does not match {example}x), but an upstream "
         f'that matches by string prefix (nginx "location {example}") may serve {example}x '
         f"as part of {example}"
     )
+
+
+def _target(route: Route) -> str:
+    return route.upstream.origin if route.upstream is not None else "the ingress's upstream"
 
 
 def _names(methods: frozenset[str] | set[str] | Sequence[str]) -> str:

@@ -141,6 +141,20 @@ class Metrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.decisions = Counter(
+            "gateway_decisions",
+            "Decision requests answered (an ingress asking whether a request may pass), by the "
+            "route and method of the request asked about and the status of the answer.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.decision_duration = Histogram(
+            "gateway_decision_duration_seconds",
+            "Decision requests, from arrival until the answer (introspection included).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
             "Whole request as the client sees it, until the response is complete.",
@@ -326,6 +340,7 @@ class Metrics:
         build.labels(__version__).set(1)
         self._request_children: dict[tuple[str, str, int], _CounterChild] = {}
         self._upstream_children: dict[tuple[str, int], _CounterChild] = {}
+        self._decision_children: dict[tuple[str, str, int], _CounterChild] = {}
 
     def count_request(self, route: str, method: str, status: int) -> None:
         if method not in KNOWN_METHODS:
@@ -335,6 +350,16 @@ class Metrics:
         if child is None:
             child = self.requests.labels(route, method, str(status))
             self._request_children[key] = child
+        child.inc()
+
+    def count_decision(self, route: str, method: str, status: int) -> None:
+        if method not in KNOWN_METHODS:
+            method = "OTHER"
+        key = (route, method, status)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self.decisions.labels(route, method, str(status))
+            self._decision_children[key] = child
         child.inc()
 
     def count_upstream(self, route: str, status: int) -> None:

@@ -50,6 +50,7 @@ class CompiledRoute:
     __slots__ = (
         "auth_required",
         "cors",
+        "decision_duration",
         "duration",
         "forward_authorization",
         "max_body_bytes",
@@ -66,10 +67,10 @@ class CompiledRoute:
         "upstream_errors",
     )
 
-    def __init__(self, route: Route, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, route: Route, pool: Pool | None, metrics: Metrics) -> None:
         self.route = route
         self.name = route.name
-        self.pool = pool
+        self.pool = pool  # None: a decision-only route (no upstream)
         self.timeout = route.timeout
         self.max_body_bytes = route.max_body_bytes
         self.forward_authorization = route.forward_authorization
@@ -86,6 +87,7 @@ class CompiledRoute:
         self.duration: _HistogramChild = metrics.request_duration.labels(route.name)
         self.overhead: _HistogramChild = metrics.overhead.labels(route.name)
         self.upstream_duration: _HistogramChild = metrics.upstream_duration.labels(route.name)
+        self.decision_duration: _HistogramChild = metrics.decision_duration.labels(route.name)
         self.upstream_errors: dict[str, _CounterChild] = {}
 
 
@@ -96,6 +98,10 @@ class Plan:
         "cfg",
         "cors",
         "decider",
+        "decision_on_proxy",
+        "decision_path",
+        "decision_routed",
+        "decision_router",
         "header_policy",
         "host_routes",
         "host_sets",
@@ -108,12 +114,24 @@ class Plan:
 
     def __init__(self, cfg: Config, pool_for: Callable[[Route], Pool], metrics: Metrics) -> None:
         self.cfg = cfg
-        self.router = Router(cfg.routes)
+        # Proxied requests never match a decision-only route (one without an upstream);
+        # decision requests match every route, in the same order.
+        self.router = Router(tuple(r for r in cfg.routes if r.upstream is not None))
+        self.decision_router = Router(cfg.routes)
+        decision = cfg.decision
+        self.decision_path = decision.path.encode() if decision is not None else None
+        # Answered on the proxy listener too, unless they have a listener of their own.
+        self.decision_on_proxy = (
+            self.decision_path if decision is not None and decision.listen is None else None
+        )
         self.decider = Decider(cfg.realm)
         self.header_policy = HeaderPolicy(cfg.headers, cfg.trusted_proxies)
         self.max_token_bytes = cfg.max_token_bytes
         self.token_pattern = cfg.authlete.token_pattern
-        self.routes = {r.name: CompiledRoute(r, pool_for(r), metrics) for r in cfg.routes}
+        self.routes = {
+            r.name: CompiledRoute(r, pool_for(r) if r.upstream is not None else None, metrics)
+            for r in cfg.routes
+        }
         # CORS: the global policy answers what no route took (404, 400 before routing); a
         # route's own `cors:` replaces it whole, `cors: false` turns it off there.
         self.cors = Policy(cfg.cors) if cfg.cors is not None else None
@@ -127,6 +145,7 @@ class Plan:
         # (method, raw target, Host) -> where it goes: routing is a pure function of them for
         # one plan, so the hot path's repeated targets skip normalising and matching.
         self.routed: dict[tuple[bytes, bytes, bytes | None], Routed] = {}
+        self.decision_routed: dict[tuple[bytes, bytes, bytes | None], Routed] = {}
 
 
 class Miss(NamedTuple):
@@ -147,11 +166,17 @@ _ROUTED_CACHE_SIZE = 4096
 
 
 def route_request(
-    plan: Plan, method: bytes, raw_target: bytes, host: bytes | None = None
+    plan: Plan,
+    method: bytes,
+    raw_target: bytes,
+    host: bytes | None = None,
+    decision: bool = False,
 ) -> Routed | Denial:
-    """`host`: the request's Host header, as sent (None when it has none: HTTP/1.0)."""
+    """`host`: the request's Host header, as sent (None when it has none: HTTP/1.0).
+    `decision`: the request an ingress asks about, which may take a decision-only route."""
     key = (method, raw_target, host)
-    routed = plan.routed.get(key)
+    cache = plan.decision_routed if decision else plan.routed
+    routed = cache.get(key)
     if routed is not None:
         return routed
     if method == b"CONNECT":
@@ -163,7 +188,8 @@ def route_request(
         target = parse_target(raw_target.decode("latin-1"))
     except PathError as exc:
         return denial(400, "invalid_request", f"Invalid request path: {exc.reason}.")
-    route = plan.router.match(method.decode("latin-1"), target.path, name)
+    router = plan.decision_router if decision else plan.router
+    route = router.match(method.decode("latin-1"), target.path, name)
     if route is None:
         return TRACE_REFUSED if method == b"TRACE" else NOT_FOUND
     forward = target.forward
@@ -171,9 +197,9 @@ def route_request(
         path = forwarded_path(target.path, route.path_prefix, route.strip_prefix, route.base_path)
         forward = f"{path}?{target.query}" if target.has_query else path
     routed = Routed(plan.routes[route.name], target.path, forward.encode())
-    if len(plan.routed) >= _ROUTED_CACHE_SIZE:
-        plan.routed.clear()  # bounded; a client varying its targets only empties it
-    plan.routed[key] = routed
+    if len(cache) >= _ROUTED_CACHE_SIZE:
+        cache.clear()  # bounded; a client varying its targets only empties it
+    cache[key] = routed
     return routed
 
 

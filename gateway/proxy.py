@@ -242,6 +242,11 @@ class HeaderPolicy:
         self._identity_blocks[identity] = block
         return block
 
+    def identity_lines(self, identity: Active) -> bytes:
+        """The identity header lines for a verdict (what a decision answer carries)."""
+        block = self._identity_blocks.get(identity)
+        return block if block is not None else self._identity_block(identity)
+
     def trusts(self, peer: str) -> bool:
         if not peer or not self._trusted_networks:
             return False

@@ -23,8 +23,9 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.config import LimitsConfig
 from gateway.cors import answer_headers, preflight, preflight_request, relay
-from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, Denial
+from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND, Denial, denial
 from gateway.http import IDEMPOTENT, READ_BUFFER, closing_answer, date_line, status_line
+from gateway.ingress import describe
 from gateway.introspection import IntrospectionError
 from gateway.logs import AccessLog, RequestIds
 from gateway.memory import release
@@ -92,6 +93,21 @@ _IDLE = 2  # keep-alive connection with nothing to do: close
 _BODY = 3  # request body stopped arriving: 408 and close
 _LINGER = 4  # closing: close now
 _NEVER = float("inf")
+# What may follow the decision path in a decision request's target: nothing, a query (ignored),
+# or the original path (Envoy's ext_authz appends it).
+_AFTER = (b"", b"?", b"/")
+_DECISION_FIELD = '"mode":"decision",'
+_ALLOWED = b"Content-Length: 0\r\nCache-Control: no-store\r\n"
+UNTRUSTED = denial(
+    403, "forbidden", "Decision requests are answered only to proxies in trusted_proxies."
+)
+
+
+def unclear(reason: str) -> Denial:
+    """A decision request that does not describe one request unambiguously: never an allow."""
+    return denial(400, "invalid_request", f"The decision request is unclear: {reason}.")
+
+
 # Memory is given back once at least this much was held and most of it has gone.
 _RELEASE_AFTER = 8 * 1024 * 1024
 
@@ -115,8 +131,11 @@ class Listener:
         pools: dict[object, Pool],
         access_log: AccessLog | None,
         tls: bool,
+        decision_only: bool = False,
     ) -> None:
         self.plan = plan
+        # `decision_listen`: this listener answers decision requests and nothing else.
+        self.decision_only = decision_only
         self.verdicts = verdicts
         self.metrics = metrics
         self.limits = limits
@@ -236,11 +255,18 @@ class Listener:
         duration = time.perf_counter() - ex.started
         route = ex.route
         name = route.name if route is not None else NO_ROUTE
-        self.metrics.count_request(name, ex.method_name, ex.status)
-        if route is not None:
-            route.duration.observe(duration)
+        if ex.decision:
+            self.metrics.count_decision(name, ex.method_name, ex.status)
+            if route is not None:
+                route.decision_duration.observe(duration)
+            else:
+                self.metrics.decision_duration.labels(NO_ROUTE).observe(duration)
         else:
-            self.metrics.request_duration.labels(NO_ROUTE).observe(duration)
+            self.metrics.count_request(name, ex.method_name, ex.status)
+            if route is not None:
+                route.duration.observe(duration)
+            else:
+                self.metrics.request_duration.labels(NO_ROUTE).observe(duration)
         access_log = self.access_log
         if access_log is None:
             return
@@ -263,7 +289,8 @@ class Listener:
             client_id = '"' + identity.client_id + '"'
             subject = "null" if identity.subject is None else _json_str(identity.subject)
         access_log.write(
-            f'{{"request_id":"{ex.request_id}","remote":"{ex.conn.peer}",'
+            f'{{"request_id":"{ex.request_id}",{_DECISION_FIELD if ex.decision else ""}'
+            f'"remote":"{ex.conn.peer}",'
             f'"route":"{name}","method":"{ex.method_name}","path":{path},'
             f'"status":{ex.status},"duration":{duration:.6f},"upstream_duration":{upstream},'
             f'"cache":{cache},"client_id":{client_id},"subject":{subject},'
@@ -517,8 +544,15 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._parse_failed(_MALFORMED, "HTTP version " + version)
             raise _Refused
         upgrade = parser.should_upgrade()
-        if upgrade and _asks_websocket(headers):
-            ex: Exchange = WebSocketExchange(self, method, self.url, headers, version == "1.1")
+        plan = listener.plan
+        asks = plan.decision_path if listener.decision_only else plan.decision_on_proxy
+        url = self.url
+        if asks is not None and url.startswith(asks) and url[len(asks) : len(asks) + 1] in _AFTER:
+            ex: Exchange = DecisionExchange(self, method, url, headers, version == "1.1")
+        elif listener.decision_only:
+            ex = DecisionExchange(self, method, url, headers, version == "1.1", stray=True)
+        elif upgrade and _asks_websocket(headers):
+            ex = WebSocketExchange(self, method, self.url, headers, version == "1.1")
         else:
             ex = Exchange(self, method, self.url, headers, version == "1.1")
         if upgrade or not parser.should_keep_alive():
@@ -781,6 +815,8 @@ def _body_size(answer: bytes) -> int:
 class Exchange:
     """One request and its answer; the upstream connection's `Receiver` while forwarded."""
 
+    decision = False  # a decision request (DecisionExchange): counted and logged as one
+
     __slots__ = (
         "body",
         "body_size",
@@ -940,14 +976,18 @@ class Exchange:
             if refused is not None:
                 self.refuse(refused)
                 return
-        if not route.auth_required:
+        self.check_token(routed)
+
+    def check_token(self, routed: Routed) -> None:
+        """The route's auth: forward (or allow) at once, deny, or await the verdict."""
+        if not routed.route.auth_required:
             self.forward(routed, None)
             return
-        token = token_of(plan, inbound)
+        token = token_of(self.plan, self.inbound)
         if isinstance(token, Denial):
             self.deny(token)
             return
-        found = lookup(listener.verdicts, token)
+        found = lookup(self.conn.listener.verdicts, token)
         if isinstance(found, Miss):
             self.cache = "miss"
             self.task = asyncio.get_running_loop().create_task(self._await_verdict(routed, found))
@@ -1127,12 +1167,12 @@ class Exchange:
         # With request_buffering "on", a body read whole goes up with its length, whatever
         # the client's framing (as nginx does); "auto" keeps the client's framing.
         self.length = self.bytes_in if self.buffering and route.request_buffering == "on" else None
+        pool = route.pool
+        assert pool is not None  # decision-only routes are never matched by proxied requests
         self.upstream_head_bytes = self.plan.header_policy.request_head(
             self.method,
             routed.target,
-            (self.inbound.host or route.pool.host_header)
-            if route.preserve_host
-            else route.pool.host_header,
+            (self.inbound.host or pool.host_header) if route.preserve_host else pool.host_header,
             self.inbound,
             conn.peer_bytes,
             conn.listener.scheme,
@@ -1145,11 +1185,13 @@ class Exchange:
         self._connect(route)
 
     def _connect(self, route: CompiledRoute) -> None:
-        up = route.pool.acquire()
+        pool = route.pool
+        assert pool is not None
+        up = pool.acquire()
         if up is not None:
             self.upstream_ready(up)
         else:
-            route.pool.open(self, route.timeout)
+            pool.open(self, route.timeout)
 
     def upstream_ready(self, conn: UpstreamConnection) -> None:
         if self.gone or self.response_started:
@@ -1400,6 +1442,7 @@ class Exchange:
             # A reused keep-alive connection the upstream had closed, or (with several
             # endpoints) one reset before any answer: once more, afresh, elsewhere if it can.
             self.retried = True
+            assert route.pool is not None
             route.pool.reconnect(self, route.timeout, up.pool if up is not None else None)
             return
         self._upstream_done()
@@ -1421,7 +1464,8 @@ class Exchange:
             log.info("response stream cut: upstream %s", kind)
             self.conn.abort()
             return
-        log.warning("upstream %s for route %s: %s", route.pool.upstream.origin, route.name, kind)
+        origin = route.pool.upstream.origin if route.pool is not None else "-"
+        log.warning("upstream %s for route %s: %s", origin, route.name, kind)
         self.deny(GATEWAY_TIMEOUT if kind == "timeout" else BAD_GATEWAY)
         if self.conn.out:
             self.conn.flush()
@@ -1543,3 +1587,88 @@ class WebSocketExchange(Exchange):
         )
         tunnel.start(self.sent, sent)
         self.sent = b""
+
+
+class DecisionExchange(Exchange):
+    """A decision request from an ingress (nginx `auth_request`, Caddy `forward_auth`,
+    Traefik ForwardAuth, Envoy `ext_authz`): the request it describes is routed and its
+    token checked as a proxied request would be, and the answer is 200 with the identity
+    headers, or the denial proxy mode would send. Nothing is forwarded.
+
+    Only peers in `trusted_proxies` are asked what they describe: from anyone else, a
+    client could choose the path that is checked and present a token valid for another."""
+
+    __slots__ = ("stray",)
+
+    decision = True
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: bytes,
+        raw_target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        http11: bool,
+        stray: bool = False,
+    ) -> None:
+        super().__init__(conn, method, raw_target, headers, http11)
+        self.stray = stray  # not at the decision path, on the decision listener: 404
+        self.buffering = False
+
+    def begin(self) -> None:
+        if self.local is not None:
+            super().begin()  # a refusal queued behind earlier requests
+            return
+        conn = self.conn
+        plan = self.plan
+        inbound = self.inbound
+        rid = inbound.request_id
+        self.request_id = conn.listener.request_ids.take(
+            rid.decode("latin-1") if rid is not None else None
+        )
+        if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
+            self.refuse(BAD_HOST)
+            return
+        if inbound.transfer_encoding is not None:
+            refused = check_framing(inbound, self.http11, 0)
+            if refused is not None:
+                self.refuse(refused)
+                return
+        if self.stray:
+            self.deny(NOT_FOUND)
+            return
+        if not conn.trusted:
+            log.warning(
+                "decision request from %s refused: the peer is not in trusted_proxies", conn.peer
+            )
+            self.deny(UNTRUSTED)
+            return
+        path = plan.decision_path
+        assert path is not None
+        rest = self.raw_target[len(path) :]
+        original = describe(
+            self.headers, self.method, inbound.host, rest if rest[:1] == b"/" else None
+        )
+        if isinstance(original, str):
+            self.deny(unclear(original))
+            return
+        self.method_name = conn.listener.method_name(original.method)
+        self.raw_target = original.target  # what the access line shows
+        routed = route_request(plan, original.method, original.target, original.host, True)
+        if isinstance(routed, Denial):
+            self.deny(routed)
+            return
+        self.route = routed.route
+        self.path = routed.path
+        self.check_token(routed)
+
+    def forward(self, routed: Routed, identity: Active | None) -> None:
+        """Allowed: 200, the identity headers, no body; the ingress forwards the request."""
+        if not self.request_done:
+            remaining = self._unread_body()
+            if remaining is None or remaining > _DISCARD_LIMIT or self._expects_continue():
+                self.keep_alive = False
+        parts = [_ALLOWED]
+        if identity is not None:
+            parts.append(self.plan.header_policy.identity_lines(identity))
+        self._answer(200, parts, b"")

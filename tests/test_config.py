@@ -405,7 +405,11 @@ INVALID: list[tuple[str, list[Mutation], list[str]]] = [
         ],
     ),
     ("no-routes", [_del("routes")], ["routes: at least one route is required"]),
-    ("route-no-upstream", [_del("routes.1.upstream")], ["routes[1].upstream: is required"]),
+    (
+        "route-no-upstream",
+        [_del("routes.1.upstream")],
+        ["routes[1].upstream: is required (a route without one needs decision mode: `decision:`)"],
+    ),
     ("route-no-prefix", [_del("routes.1.path_prefix")], ["routes[1].path_prefix: is required"]),
     (
         "empty-access-token",
