@@ -32,7 +32,27 @@ def warnings(cfg: Config) -> list[str]:
     for i, route in enumerate(routes):
         if not route.auth_required and route.path_prefix == "/":
             out.append(_public_catch_all(route, routes[:i]))
+    if cfg.decision is not None and not cfg.trusted_proxies:
+        out.append(
+            "decision mode is on but trusted_proxies is empty: every decision request is "
+            "refused (403); list the ingress's addresses"
+        )
+    for i, route in enumerate(routes):
+        if route.upstream is None:
+            out.extend(_proxied_instead(route, routes[i + 1 :]))
     return out
+
+
+def _proxied_instead(route: Route, later: Sequence[Route]) -> list[str]:
+    for other in later:
+        if other.upstream is not None and covers(other.path_prefix, route.path_prefix):
+            rules = "no token" if not other.auth_required else "its own scopes"
+            return [
+                f"route {route.name!r} has no upstream (decisions only): proxied requests to "
+                f"{route.path_prefix} are taken by route {other.name!r} ({other.path_prefix}) "
+                f"with {rules}"
+            ]
+    return []
 
 
 def covers(prefix: str, path: str) -> bool:

@@ -408,3 +408,21 @@ def test_config_keys_and_their_errors() -> None:
         "routes[0].websocket: needs an upstream"
     ]
     assert problems(decision_listen="nope") == ['decision_listen: must be "host:port"']
+
+
+def test_check_config_warns_about_decision_mode_pitfalls() -> None:
+    import yaml
+
+    from gateway.lint import warnings
+
+    routes: list[dict[str, Any]] = [
+        {"name": "checked", "path_prefix": "/api", "scopes": ["read"]},
+        {"name": "site", "path_prefix": "/", "upstream": "http://site.svc:8080", "auth": "none"},
+    ]
+    cfg = parse_config(yaml.safe_dump(raw_config("http://127.0.0.1:9", routes, decision={})), {})
+    found = warnings(cfg)
+    assert any("trusted_proxies is empty" in w for w in found), found
+    shadow = next(w for w in found if "'checked'" in w)
+    assert "taken by route 'site'" in shadow and "no token" in shadow
+    trusted = raw_config("http://127.0.0.1:9", routes[:1], decision={}, **TRUSTED)
+    assert warnings(parse_config(yaml.safe_dump(trusted), {})) == []
