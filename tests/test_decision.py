@@ -426,3 +426,31 @@ def test_check_config_warns_about_decision_mode_pitfalls() -> None:
     assert "taken by route 'site'" in shadow and "no token" in shadow
     trusted = raw_config("http://127.0.0.1:9", routes[:1], decision={}, **TRUSTED)
     assert warnings(parse_config(yaml.safe_dump(trusted), {})) == []
+
+
+async def test_reload_moves_the_decision_path_and_turns_decision_mode_off(
+    emulator: Emulator, start_gateway: StartGateway, tmp_path: Any
+) -> None:
+    import yaml
+
+    _tokens(emulator)
+    gw = await _decision_gateway(start_gateway)
+    assert (await ask(gw, *nginx("/public/x"))).status == 200
+
+    def reload(**overrides: Any) -> None:
+        doc = raw_config(emulator.base_url, _routes(), **TRUSTED, **overrides)
+        doc["listen"] = f"127.0.0.1:{gw.port}"
+        doc["admin_listen"] = f"127.0.0.1:{gw.gateway.admin_port}"
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        assert gw.gateway.reload(str(path))
+
+    reload(decision={"path": "/_auth"})
+    assert (await ask(gw, *nginx("/public/x"), target="/_auth")).status == 200
+    # The old path is an ordinary one now: no route takes it.
+    assert (await ask(gw, *nginx("/public/x"))).status == 404
+    # Without decision mode, decision-only routes are not allowed: the reload is refused.
+    doc = raw_config(emulator.base_url, _routes(), **TRUSTED)
+    (tmp_path / "off.yaml").write_text(yaml.safe_dump(doc))
+    assert not gw.gateway.reload(str(tmp_path / "off.yaml"))
+    assert (await ask(gw, *nginx("/public/x"), target="/_auth")).status == 200
