@@ -3,8 +3,10 @@
 A canned request is fed to a `ClientConnection` and a canned nginx answer to its pooled
 `UpstreamConnection`, over and over, on stand-in transports that only count writes: what is
 left is the gateway's own Python and llhttp work per request (route, token, cached verdict,
-header policy both ways, metrics, access line). `--profile` adds a cProfile table (its times
-are inflated; the order is what it is for).
+header policy both ways, metrics, access line). `--decision` measures a decision request
+instead (decision mode: nginx's auth_request asking, answered 200 with identity headers; no
+upstream). `--profile` adds a cProfile table (its times are inflated; the order is what it
+is for).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from gateway.verdict import Active
 from gateway.verdicts import Verdicts
 
 REQUEST = b"GET /api/x HTTP/1.1\r\nHost: localhost:8080\r\nAuthorization: Bearer tok-bench\r\n\r\n"
+# What the shipped nginx example's auth_request subrequest sends (examples/nginx).
+DECISION = (
+    b"GET /_gateway/auth HTTP/1.1\r\nHost: localhost:8080\r\nX-Original-URI: /api/x\r\n"
+    b"X-Original-Method: GET\r\nX-Forwarded-For: 127.0.0.1\r\nConnection: keep-alive\r\n"
+    b"User-Agent: wrk\r\nAuthorization: Bearer tok-bench\r\n\r\n"
+)
 ANSWER = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 00:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 20\r\nConnection: keep-alive\r\n\r\n"
@@ -69,7 +77,7 @@ class _Transport:
         return True
 
 
-async def measure(count: int, log: AccessLog | None, profile: bool) -> None:
+async def measure(count: int, log: AccessLog | None, profile: bool, decision: bool) -> None:
     cfg = parse_config(
         yaml.safe_dump(
             {
@@ -81,6 +89,8 @@ async def measure(count: int, log: AccessLog | None, profile: bool) -> None:
                     "service_id": "1",
                     "access_token": "unused",
                 },
+                "trusted_proxies": ["127.0.0.1/32"],
+                **({"decision": {}} if decision else {}),
                 "routes": [
                     {
                         "name": "api",
@@ -97,6 +107,7 @@ async def measure(count: int, log: AccessLog | None, profile: bool) -> None:
     pools: dict[object, Pool] = {}
 
     def pool_for(route: Route) -> Pool:
+        assert route.upstream is not None
         return pools.setdefault(route.upstream, Pool(route.upstream, None))
 
     async def no_calls(*args: object) -> Any:
@@ -122,8 +133,15 @@ async def measure(count: int, log: AccessLog | None, profile: bool) -> None:
             client.data_received(REQUEST)
             upstream.data_received(ANSWER)
 
+    def ask(n: int) -> None:
+        for _ in range(n):
+            client.data_received(DECISION)
+
+    if decision:
+        run = ask
     run(1000)
-    assert client_transport.last.endswith(b"upstream says hello\n"), client_transport.last
+    expected = b"X-Auth-Client-Id: 123\r\n" if decision else b"upstream says hello\n"
+    assert expected in client_transport.last, client_transport.last
     profiler = cProfile.Profile() if profile else None
     started = time.process_time()
     if profiler is not None:
@@ -144,12 +162,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--no-access-log", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--decision", action="store_true", help="a decision request instead")
     args = parser.parse_args()
     gc.freeze()
     gc.set_threshold(7000, 10, 10)  # as gateway.runner.tune_gc
     with open(os.devnull, "w") as devnull:
         log = None if args.no_access_log else AccessLog(devnull)
-        uvloop.run(measure(args.count, log, args.profile))
+        uvloop.run(measure(args.count, log, args.profile, args.decision))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,20 @@ _READ = frozenset(
 )
 
 
+# Header spelling -> the folded name when it is one of `_READ`, else None: decided once per
+# spelling (a bounded number of them), as the header policy does.
+_KEYS: dict[bytes, bytes | None] = {}
+_UNSEEN = b"?"
+
+
+def _key(name: bytes) -> bytes | None:
+    lower = name.lower()
+    key = lower if lower in _READ else None
+    if len(_KEYS) < 4096:
+        _KEYS[name] = key
+    return key
+
+
 class Original(NamedTuple):
     """The request asked about, as its client sent it: routed like a proxied request."""
 
@@ -59,11 +73,13 @@ def describe(
     form), or None. A str is the reason the head does not describe one request."""
     found: dict[bytes, bytes] = {}
     for name, value in headers:
-        lower = name.lower()
-        if lower in _READ:
-            if lower in found:
+        key = _KEYS.get(name, _UNSEEN)
+        if key is _UNSEEN:
+            key = _key(name)
+        if key is not None:
+            if key in found:
                 return f"{name.decode('latin-1')} is given twice"
-            found[lower] = value.strip(b" \t")
+            found[key] = value.strip(b" \t")
 
     url = found.get(_URL)
     url_host: bytes | None = None

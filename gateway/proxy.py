@@ -226,6 +226,7 @@ class HeaderPolicy:
         # per spelling and remembered (a bounded number of spellings per process).
         self._kinds_trusted: dict[bytes, int] = {}
         self._kinds_untrusted: dict[bytes, int] = {}
+        self._kinds_decision: dict[bytes, int] = {}
         self._trusted_networks = trusted_proxies
         self._identity_blocks: dict[Active, bytes] = {}
 
@@ -292,14 +293,24 @@ class HeaderPolicy:
         # `X_Remote_User` unread, which the upstream would read as the same header.
         return _PASS if trusted and folded == lower else _DROP
 
-    def scan(self, headers: list[tuple[bytes, bytes]], trusted: bool) -> Inbound:
-        kinds = self._kinds_trusted if trusted else self._kinds_untrusted
+    def scan(
+        self, headers: list[tuple[bytes, bytes]], trusted: bool, forwarding: bool = True
+    ) -> Inbound:
+        """`forwarding` False: a decision request, which is never forwarded: only what the
+        gateway decides on is read, nothing is kept."""
+        if forwarding:
+            kinds = self._kinds_trusted if trusted else self._kinds_untrusted
+        else:
+            kinds = self._kinds_decision
         inbound = Inbound()
         kept = inbound.kept
         for name, value in headers:
             kind = kinds.get(name)
             if kind is None:
-                kind = self._kind(name, trusted)
+                if forwarding:
+                    kind = self._kind(name, trusted)
+                else:
+                    kind = _SPECIAL.get(name.decode("latin-1").lower(), _DROP)
                 if len(kinds) < 4096:
                     kinds[name] = kind
             if kind == _PASS:

@@ -882,7 +882,7 @@ class Exchange:
         self.http11 = http11
         self.keep_alive = True
         plan = self.plan = conn.listener.plan
-        inbound = self.inbound = plan.header_policy.scan(headers, conn.trusted)
+        inbound = self.inbound = plan.header_policy.scan(headers, conn.trusted, not self.decision)
         self.chunked = inbound.transfer_encoding is not None
         length = inbound.content_length
         self.has_body = self.chunked or (length is not None and length.strip(b"0 \t") != b"")
