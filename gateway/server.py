@@ -103,6 +103,14 @@ UNTRUSTED = denial(
 )
 
 
+NOT_NORMAL = denial(
+    400,
+    "invalid_request",
+    "Invalid request path: not in normal form (dot segments or needless escapes), and the "
+    "ingress forwards it as sent.",
+)
+
+
 def unclear(reason: str) -> Denial:
     """A decision request that does not describe one request unambiguously: never an allow."""
     return denial(400, "invalid_request", f"The decision request is unclear: {reason}.")
@@ -1657,6 +1665,12 @@ class DecisionExchange(Exchange):
         routed = route_request(plan, original.method, original.target, original.host, True)
         if isinstance(routed, Denial):
             self.deny(routed)
+            return
+        if routed.path.encode("latin-1") != original.target.partition(b"?")[0]:
+            # The ingress forwards the target as the client sent it, not as normalised here:
+            # `/orders/../public` would be checked as /public, and an upstream routing on the
+            # raw path could serve /orders. Only a target already in normal form is decided.
+            self.deny(NOT_NORMAL)
             return
         self.route = routed.route
         self.path = routed.path

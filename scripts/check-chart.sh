@@ -4,7 +4,8 @@
 #   scripts/check-chart.sh                      default values, values-sidecar.yaml (also with
 #                                               the NetworkPolicy on, and with shared state on
 #                                               ci/sidecar-shared-values.yaml), ci/full-values.yaml,
-#                                               ci/redis-values.yaml
+#                                               ci/redis-values.yaml, ci/decision-values.yaml
+#                                               (decision mode behind an ingress)
 #   scripts/check-chart.sh -f my-values.yaml    one render with these extra helm args
 #
 # For each render: helm lint --strict, helm template, yamllint (duplicate keys, syntax) on the
@@ -140,5 +141,6 @@ else
   check "ci/redis-values.yaml" -f "$CHART/ci/redis-values.yaml"
   check "values-sidecar.yaml + ci/sidecar-shared-values.yaml" -f "$CHART/values-sidecar.yaml" \
     -f "$CHART/ci/sidecar-shared-values.yaml"
+  check "ci/decision-values.yaml" -f "$CHART/ci/decision-values.yaml"
 fi
 say "all OK"

@@ -1201,3 +1201,145 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+# --------------------------------------------------------------------------- ingresses
+# A real nginx and a real Caddy running the configs shipped in examples/ (decision mode), as
+# a user would after replacing their placeholders with addresses.
+
+EXAMPLES = ROOT / "examples"
+
+
+def shipped_example(relative: str, placeholders: dict[str, str]) -> str:
+    """The text of `examples/<relative>` with each placeholder replaced. Each must occur
+    exactly once: an example whose placeholders change fails the tests that run it instead
+    of silently running something else."""
+    text = (EXAMPLES / relative).read_text()
+    for old, new in placeholders.items():
+        found = text.count(old)
+        if found != 1:
+            raise AssertionError(f"examples/{relative}: {old!r} occurs {found} times, not once")
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class Ingress:
+    """A running ingress: where clients talk to it, its directory, what it logged."""
+
+    name: str
+    port: int
+    dir: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        """The tail of what the ingress wrote (its error log)."""
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def _run_ingress(
+    ingress: Ingress, argv: list[str], env: dict[str, str] | None = None
+) -> Iterator[Ingress]:
+    """Run the ingress process until the block ends; SIGTERM by its PID (SIGKILL after 5 s)."""
+    with (ingress.dir / "stderr").open("wb") as err:
+        proc = subprocess.Popen(
+            argv, cwd=ingress.dir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err
+        )
+    try:
+        try:
+            wait_for_port(ingress.port, proc)
+        except RuntimeError as exc:
+            stderr = (ingress.dir / "stderr").read_text(errors="replace")[-2000:]
+            log = "" if ingress.log_path.name == "stderr" else ingress.log()
+            raise RuntimeError(f"{ingress.name}: {exc}: {stderr}{log}") from None
+        yield ingress
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def start_nginx(gateway_port: int, app_port: int) -> Iterator[Ingress]:
+    """Debian's nginx (with its auth_request module) running examples/nginx/gateway.conf as
+    shipped, inside a minimal `http { }`: the gateway and the application on loopback
+    ports, listening on a free loopback port. Fails under CI when nginx is missing."""
+    nginx = need_tool("nginx")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="gw-ingress-nginx-") as tmp:
+        site = shipped_example(
+            "nginx/gateway.conf",
+            {
+                "server gateway:8080;": f"server 127.0.0.1:{gateway_port};",
+                "server app:8000;": f"server 127.0.0.1:{app_port};",
+                "listen 80;": f"listen 127.0.0.1:{port};",
+            },
+        )
+        Path(tmp, "gateway.conf").write_text(site)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        Path(tmp, "nginx.conf").write_text(
+            f"{user}worker_processes 1;\n"
+            f"error_log {tmp}/error.log info;\n"
+            "events { worker_connections 256; }\n"
+            "http {\n"
+            f"  access_log {tmp}/access.log;\n"
+            f"  client_body_temp_path {tmp}/body;\n"
+            f"  proxy_temp_path {tmp}/proxy;\n"
+            f"  fastcgi_temp_path {tmp}/fastcgi;\n"
+            f"  uwsgi_temp_path {tmp}/uwsgi;\n"
+            f"  scgi_temp_path {tmp}/scgi;\n"
+            f"  include {tmp}/gateway.conf;\n"
+            "}\n"
+        )
+        argv = [nginx, "-p", tmp, "-e", f"{tmp}/error.log", "-c", f"{tmp}/nginx.conf"]
+        argv += ["-g", f"daemon off; pid {tmp}/nginx.pid;"]
+        ingress = Ingress("nginx", port, Path(tmp), Path(tmp, "error.log"))
+        with _run_ingress(ingress, argv) as running:
+            yield running
+
+
+# Caddy without its admin endpoint or automatic HTTPS, bound to loopback (Caddy 2.6 has no
+# `persist_config off`: it saves its config under XDG_CONFIG_HOME, a temporary directory).
+CADDY_GLOBAL_OPTIONS = """{
+	admin off
+	auto_https off
+	default_bind 127.0.0.1
+}
+
+"""
+
+
+@contextlib.contextmanager
+def start_caddy(gateway_port: int, app_port: int) -> Iterator[Ingress]:
+    """Debian's Caddy running examples/caddy/Caddyfile as shipped (after the global options
+    above): the gateway and the application on loopback ports, the site on a free loopback
+    port. Fails under CI when caddy is missing."""
+    caddy = need_tool("caddy")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="gw-ingress-caddy-") as tmp:
+        site = shipped_example(
+            "caddy/Caddyfile",
+            {
+                "\n:80 {\n": f"\n:{port} {{\n",
+                "reverse_proxy gateway:8080 {": f"reverse_proxy 127.0.0.1:{gateway_port} {{",
+                "reverse_proxy app:8000\n": f"reverse_proxy 127.0.0.1:{app_port}\n",
+            },
+        )
+        path = Path(tmp, "Caddyfile")
+        path.write_text(CADDY_GLOBAL_OPTIONS + site)
+        env = {**os.environ, "HOME": tmp, "XDG_CONFIG_HOME": tmp, "XDG_DATA_HOME": tmp}
+        argv = [caddy, "run", "--config", str(path), "--adapter", "caddyfile"]
+        ingress = Ingress("caddy", port, Path(tmp), Path(tmp, "stderr"))
+        with _run_ingress(ingress, argv, env) as running:
+            yield running

@@ -154,7 +154,7 @@ def test_example_config_takes_its_settings_from_the_environment() -> None:
         },
     )
     assert cfg.authlete.introspection_url == "https://jp.authlete.com/api/12345/auth/introspection"
-    assert {route.upstream.origin for route in cfg.routes} == {"http://app:9000"}
+    assert {u.origin for route in cfg.routes for u in route.endpoints} == {"http://app:9000"}
 
 
 def test_example_config_refuses_to_start_without_the_token() -> None:

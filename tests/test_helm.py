@@ -1,9 +1,9 @@
 """The Helm chart in helm/gateway, checked offline.
 
 Renders the chart with its default values, with values-sidecar.yaml, with
-ci/full-values.yaml (every optional part on), and with shared state on the trial Redis
-(ci/redis-values.yaml, and ci/sidecar-shared-values.yaml on top of values-sidecar.yaml),
-validates every manifest with
+ci/full-values.yaml (every optional part on), with shared state on the trial Redis
+(ci/redis-values.yaml, and ci/sidecar-shared-values.yaml on top of values-sidecar.yaml), and
+in decision mode behind an ingress (ci/decision-values.yaml), validates every manifest with
 `kubernetes-validate --strict` against the Kubernetes 1.30 schemas, checks the rendered
 gateway.yaml with `gateway check-config`, and asserts the properties that matter in a cluster.
 
@@ -42,6 +42,7 @@ SIDECAR_VALUES = CHART / "values-sidecar.yaml"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
 REDIS_VALUES = CHART / "ci" / "redis-values.yaml"
 SIDECAR_SHARED_VALUES = CHART / "ci" / "sidecar-shared-values.yaml"
+DECISION_VALUES = CHART / "ci" / "decision-values.yaml"
 TOOLS = Path(os.environ.get("GATEWAY_TOOLS", "/var/tmp/gateway-tools"))
 KUBE_VERSION = "1.30.0"
 RELEASE = "ci"
@@ -61,6 +62,8 @@ SIDECAR_POLICY: tuple[str, ...] = (
 # Shared state on the chart's trial Redis: standalone, and for sidecars.
 REDIS: tuple[str, ...] = ("-f", str(REDIS_VALUES))
 SIDECAR_SHARED: tuple[str, ...] = (*SIDECAR, "-f", str(SIDECAR_SHARED_VALUES))
+# Decision mode behind an ingress: routes without upstreams, trusted_proxies, a NetworkPolicy.
+DECISION: tuple[str, ...] = ("-f", str(DECISION_VALUES))
 SHAPES = {
     "default": DEFAULT,
     "sidecar": SIDECAR,
@@ -68,6 +71,7 @@ SHAPES = {
     "sidecar-policy": SIDECAR_POLICY,
     "redis": REDIS,
     "sidecar-shared": SIDECAR_SHARED,
+    "decision": DECISION,
 }
 
 Doc = dict[str, Any]
@@ -764,7 +768,7 @@ def test_readme_sidecar_example_matches_the_chart(tmp_path: Path) -> None:
 
 def test_values_files_only_use_documented_top_level_keys() -> None:
     documented = set(yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8")))
-    for path in (SIDECAR_VALUES, FULL_VALUES, REDIS_VALUES, SIDECAR_SHARED_VALUES):
+    for path in (SIDECAR_VALUES, FULL_VALUES, REDIS_VALUES, SIDECAR_SHARED_VALUES, DECISION_VALUES):
         used = set(yaml.safe_load(path.read_text(encoding="utf-8")))
         assert used <= documented, (path.name, used - documented)
 
@@ -1500,3 +1504,154 @@ def test_schema_rejects_bad_shared_values(setting: str, message: str) -> None:
     assert proc.returncode != 0
     assert "schema" in proc.stderr
     assert message in proc.stderr
+
+
+# ------------------------------------------------------------------------------ decision mode
+
+
+def test_decision_mode_is_off_by_default() -> None:
+    for shape in (DEFAULT, SIDECAR, FULL):
+        assert "decision" not in gateway_config(render(*shape))
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert values["decision"] == {"enabled": False, "path": "/_gateway/auth"}
+
+
+def test_decision_config_is_written_by_the_chart() -> None:
+    docs = render(*DECISION)
+    config = gateway_config(docs)
+    assert config["decision"] == {"path": "/_gateway/auth"}
+    assert "decision_listen" not in config
+    assert config["trusted_proxies"] == ["10.244.0.0/16"]
+    # Routes without an upstream answer decisions only; one with an upstream stays proxied.
+    upstreams = {r["name"]: r.get("upstream") for r in config["routes"]}
+    assert upstreams == {
+        "public": None,
+        "orders-write": None,
+        "orders": None,
+        "legacy": "http://legacy.shop.svc.cluster.local:8080",
+    }
+    # Decisions are answered on the proxy port: the Service and container ports are unchanged.
+    service = one(docs, "Service")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+    assert [p["name"] for p in gateway_container(docs)["ports"]] == ["http", "admin"]
+    # The path is configurable; the config follows it (and rolls the pods).
+    moved = render(*DECISION, "--set", "decision.path=/auth/check")
+    assert gateway_config(moved)["decision"] == {"path": "/auth/check"}
+    base = pod_annotations(docs)["checksum/config"]
+    assert pod_annotations(moved)["checksum/config"] != base
+
+
+def test_decision_network_policy_admits_only_the_ingress_controller() -> None:
+    docs = render(*DECISION)
+    spec = one(docs, "NetworkPolicy")["spec"]
+    proxy = named_port(gateway_container(docs), "http")
+    (rule,) = [r for r in spec["ingress"] if proxy in (admitted_ports(r) or set())]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+
+
+def _notes(release: str, namespace: str, *args: str) -> str:
+    assert HELM is not None
+    proc = subprocess.run(
+        [HELM, "install", release, str(CHART), "--dry-run=client", "--namespace", namespace,
+         *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout[proc.stdout.index("NOTES:") :]
+
+
+def test_decision_notes_print_the_ingress_lines() -> None:
+    notes = _notes("edge", "gateway", *DECISION, "--set", "service.port=8080")
+    url = "http://edge-gateway.gateway.svc.cluster.local:8080/_gateway/auth"
+    assert f'nginx.ingress.kubernetes.io/auth-url: "{url}"' in notes
+    assert (
+        'nginx.ingress.kubernetes.io/auth-response-headers: "X-Auth-Subject,X-Auth-Scopes,'
+        'X-Auth-Client-Id"' in notes
+    )
+    assert f"forwardAuth.address: {url}" in notes
+    assert "10.244.0.0/16" in notes
+    # Renamed identity headers are the ones the ingress must copy.
+    renamed = _notes("edge", "gateway", *DECISION, "--set", "config.headers.subject=X-User")
+    assert '"X-User,X-Auth-Scopes,X-Auth-Client-Id"' in renamed
+    # Nothing about it without decision mode.
+    assert "Decision mode" not in _notes(RELEASE, NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Without trusted proxies every decision would be refused (403), or a range clients
+        # connect from gets listed in a hurry: the render says what to list.
+        (("--set", "decision.enabled=true"), "config.trusted_proxies"),
+        (("--set", "decision.enabled=true", "--set-json", "config.trusted_proxies=[]"),
+         "config.trusted_proxies"),
+        ((*SIDECAR, "--set", "decision.enabled=true", "--set-json",
+          'config.trusted_proxies=["127.0.0.1/32"]'), "not in sidecar mode"),
+        # A route without an upstream needs decision mode.
+        (("--set-json", 'config.routes=[{"name": "orders", "path_prefix": "/orders"}]'),
+         "config.routes[0] (orders): upstream is required"),
+        ((*DECISION, "--set", "decision.enabled=false"), "config.routes[0] (public): upstream"),
+    ],
+)  # fmt: skip
+def test_render_refuses_incomplete_decision_values(args: tuple[str, ...], message: str) -> None:
+    proc = _helm(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("decision.enabled=yes", "enabled"),
+        ("decision.path=/", "path"),
+        ("decision.path=_gateway/auth", "path"),
+        ("decision.listen=0.0.0.0:8081", "listen"),
+        ("config.decision.path=/x", "decision"),
+        ("config.decision_listen=0.0.0.0:8081", "decision_listen"),
+        ("config.trusted_proxies=10.0.0.0/8", "trusted_proxies"),
+    ],
+)
+def test_schema_rejects_bad_decision_values(setting: str, message: str) -> None:
+    proc = _helm("--set", setting)
+    assert proc.returncode != 0
+    assert "schema" in proc.stderr
+    assert message in proc.stderr
+
+
+async def test_a_gateway_with_the_rendered_decision_config_answers_decisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway run` with the ConfigMap's gateway.yaml in decision mode answers an ingress's
+    questions at decision.path; a peer outside trusted_proxies (this test on loopback, with
+    the chart's 10.244.0.0/16) gets 403 whatever it asks."""
+    cfg = gateway_config(render(*DECISION))
+    monkeypatch.setenv("AUTHLETE_ACCESS_TOKEN", "t")
+    # No Authlete call is made here; keep it off the network anyway.
+    cfg["authlete"] = {**cfg["authlete"], "base_url": "http://127.0.0.1:9"}
+    cfg["authlete"]["allow_insecure_http"] = True
+    # The Traefik / Caddy dialect: the original request in X-Forwarded-*.
+    public = {
+        "X-Forwarded-Method": "GET",
+        "X-Forwarded-Uri": "/public/logo.png",
+        "X-Forwarded-Host": "api.example.com",
+        "X-Forwarded-Proto": "https",
+    }
+    orders = {**public, "X-Forwarded-Uri": "/orders/42"}
+    cases = [("chart", cfg["trusted_proxies"], 403, 403), ("loopback", ["127.0.0.1/32"], 200, 401)]
+    for name, trusted, public_status, orders_status in cases:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        async with (
+            gateway_run(run_dir, {**cfg, "trusted_proxies": trusted}) as gw,
+            aiohttp.ClientSession() as session,
+        ):
+            url = f"http://127.0.0.1:{gw.port}/_gateway/auth"
+            async with session.get(url, headers=public) as resp:
+                assert resp.status == public_status, await resp.text()
+                assert "X-Auth-Subject" not in resp.headers  # auth: none: no identity
+            async with session.get(url, headers=orders) as resp:
+                assert resp.status == orders_status, await resp.text()
+                if resp.status == 401:
+                    assert resp.headers["WWW-Authenticate"].startswith("Bearer")

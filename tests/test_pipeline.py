@@ -55,6 +55,7 @@ def plan_of(cfg: Config, pools: dict[Upstream, Pool] | None = None) -> Plan:
 
     def pool_for(route: Route) -> Pool:
         upstream = route.upstream
+        assert upstream is not None
         if upstream not in pools:
             pools[upstream] = Pool(upstream, None)
         return pools[upstream]

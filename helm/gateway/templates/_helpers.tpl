@@ -105,6 +105,10 @@ from ports/bindAddress, the access token as an environment reference).
 {{- if include "gateway.adminEnabled" . -}}
 {{- $_ := set $cfg "admin" (dict "token" "${GATEWAY_ADMIN_TOKEN}") -}}
 {{- end -}}
+{{- include "gateway.validateDecision" . -}}
+{{- if .Values.decision.enabled -}}
+{{- $_ := set $cfg "decision" (dict "path" .Values.decision.path) -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end }}
 
@@ -460,4 +464,30 @@ secret:
   items:
     - key: {{ .Values.shared.tls.caKey }}
       path: ca.crt
+{{- end }}
+
+{{/* ------------------------------------------------------------------ decision mode */}}
+
+{{/* Decision mode's requirements, and routes without an upstream (decision mode only). */}}
+{{- define "gateway.validateDecision" -}}
+{{- $d := .Values.decision -}}
+{{- if $d.enabled -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{- fail "decision.enabled: not in sidecar mode: the ingress asks one Service for its decisions, and a sidecar has none (install a standalone release for the decisions)" -}}
+{{- end -}}
+{{- if not (get (.Values.config | default dict) "trusted_proxies") -}}
+{{- fail "decision.enabled: set config.trusted_proxies to the addresses your ingress controller's pods connect from (the pod CIDR, e.g. [\"10.244.0.0/16\"]): the gateway answers decisions to them only (403 to anyone else), and believes the original path, method and host only from them" -}}
+{{- end -}}
+{{- else -}}
+{{- range $i, $route := (get (.Values.config | default dict) "routes") -}}
+{{- if not (get $route "upstream") -}}
+{{- fail (printf "config.routes[%d]%s: upstream is required (a route without one only answers an ingress's decisions: set decision.enabled)" $i (ternary (printf " (%v)" (get $route "name")) "" (hasKey $route "name"))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* The URL an ingress asks for decisions: the Service, port service.port, at decision.path. */}}
+{{- define "gateway.decisionURL" -}}
+{{- printf "http://%s.%s.svc.cluster.local:%d%s" (include "gateway.fullname" .) .Release.Namespace (int .Values.service.port) .Values.decision.path -}}
 {{- end }}
