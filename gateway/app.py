@@ -14,6 +14,7 @@ import os
 import ssl
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +25,7 @@ from gateway.budget import Budget
 from gateway.config import Config, ConfigError, Route, Upstream, load_config, share_budget
 from gateway.fleet_cache import FleetCache
 from gateway.introspection import IntrospectionError, Introspector
-from gateway.logs import AccessLog
+from gateway.logs import AccessLog, set_log_format
 from gateway.metrics import EndpointCounts, Metrics
 from gateway.pipeline import Plan
 from gateway.server import Listener
@@ -36,8 +37,14 @@ from gateway.tls import (
     server_context,
     upstream_context,
 )
+from gateway.tracing import Tracing
 from gateway.upstream import EndpointStats, Pool
 from gateway.verdicts import Verdicts
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from gateway.otel import OpenTelemetry
 
 log = logging.getLogger("gateway")
 
@@ -50,7 +57,10 @@ class Gateway:
         reuse_port: bool = False,
         admin_socket: str | None = None,
         budget_share: int = 1,
+        span_exporter: SpanExporter | None = None,
     ) -> None:
+        """`span_exporter`: with tracing.opentelemetry, export spans there one by one instead
+        of to the exporters the OTEL_* variables name (tests)."""
         # A worker of `--workers N` runs on 1/N of the Authlete budget, also after a reload.
         self.budget_share = budget_share
         cfg = share_budget(cfg, budget_share)
@@ -67,6 +77,7 @@ class Gateway:
             self._fleet = FleetCache(self.store, cfg.shared, self.metrics)
         self.budget = self._new_budget(cfg)
         self.metrics.budget_tokens.set_function(lambda: self.budget.tokens)
+        self.metrics.ready.set_function(lambda: 0.0 if self._not_ready() else 1.0)
         self.pools: dict[object, Pool] = {}
         self.endpoint_stats: dict[Upstream, EndpointStats] = {}
         self.resolve: Resolve = system_resolve  # host name -> addresses (a seam for tests)
@@ -85,10 +96,22 @@ class Gateway:
         self.proxy_port = 0
         self.admin_port = 0
         self.decision_port = 0
+        self._span_exporter = span_exporter
+        self._otel: OpenTelemetry | None = None
+        self._tracing: Tracing | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         cfg = self.cfg
+        if cfg.tracing.opentelemetry:
+            from gateway.otel import OpenTelemetry
+
+            self._otel = OpenTelemetry(cfg.tracing.exporters, self._span_exporter)
+            log.info(
+                "tracing: OpenTelemetry spans exported to %s",
+                ", ".join(cfg.tracing.exporters) or "nowhere (OTEL_TRACES_EXPORTER=none)",
+            )
+        self._tracing = self._tracing_for(cfg)
         self._authlete_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=256, keepalive_timeout=30, ssl=authlete_context(cfg.authlete.ca_file)
@@ -129,6 +152,7 @@ class Gateway:
             access_log,
             tls=self._tls is not None,
         )
+        listener.tracing = self._tracing
         self._server = await self._serve(listener, cfg.listen.host, cfg.listen.port)
         self.proxy_port = int(self._server.sockets[0].getsockname()[1])
         listener.start_sweeping()
@@ -144,6 +168,7 @@ class Gateway:
                 tls=self._tls is not None,
                 decision_only=True,
             )
+            decisions.tracing = self._tracing
             self._decision_server = await self._serve(decisions, decision_at.host, decision_at.port)
             self.decision_port = int(self._decision_server.sockets[0].getsockname()[1])
             decisions.start_sweeping()
@@ -238,6 +263,8 @@ class Gateway:
             await self.store.close()
         if listener is not None and listener.access_log is not None:
             listener.access_log.flush()
+        if self._otel is not None:
+            await self._otel.shutdown()
 
     @property
     def verdicts(self) -> Verdicts:
@@ -323,8 +350,15 @@ class Gateway:
             log.warning("config reload: decision_listen changed to %s; restart to apply", new_at)
         listener = self._listener
         plan = Plan(new, self._pool_for, self.metrics)
+        if new.tracing != old.tracing:
+            if new.tracing.opentelemetry != old.tracing.opentelemetry or (
+                new.tracing.exporters != old.tracing.exporters
+            ):
+                log.warning("config reload: tracing.opentelemetry applies after a restart")
+            self._tracing = self._tracing_for(new)
         for one in self._listeners():
             one.plan = plan
+            one.tracing = self._tracing
             one.reloaded(new.shutdown_timeout)  # WebSockets of the old config end
         if self._verdicts is not None:
             if new.cache != old.cache:
@@ -338,9 +372,17 @@ class Gateway:
             for one in self._listeners():
                 one.access_log = access_log
         logging.getLogger().setLevel(new.log.level.upper())
+        if new.log.format != old.log.format:
+            set_log_format(new.log.format)
         self.metrics.reloads.labels("success").inc()
         log.info("config reloaded: %d routes", len(new.routes))
         return True
+
+    def _tracing_for(self, cfg: Config) -> Tracing | None:
+        """What the listeners do about trace context; None: nothing per request."""
+        if not cfg.tracing.generate and self._otel is None:
+            return None
+        return Tracing(cfg.tracing.generate, self._otel)
 
     def _connect_authlete(self, cfg: Config) -> None:
         """A new budget and client for new Authlete settings; calls in flight finish on the old."""

@@ -212,7 +212,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from gateway.runner import serve
 
-    _setup_logging(cfg.log.level)
+    _setup_logging(cfg.log.level, cfg.log.format)
     from gateway.lint import warnings
 
     for line in warnings(cfg):
@@ -255,7 +255,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     tokens = args.tokens or str(resources.files("gateway") / "data" / "demo-tokens.yaml")
-    _setup_logging(cfg.log.level)
+    _setup_logging(cfg.log.level, cfg.log.format)
     return run_loop(run_demo(cfg, tokens), args.loop)
 
 
@@ -316,7 +316,12 @@ def run_loop(main: Coroutine[Any, Any, int | None], loop: str) -> int:
         return 0
     except SystemExit as exc:
         if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
+            from gateway.logs import logs_json
+
+            if logs_json():  # `log.format: json`: this line too is one the pipeline reads
+                logging.getLogger("gateway").error("%s", exc.code)
+            else:
+                print(exc.code, file=sys.stderr)
             return 1
         raise
     return result or 0
@@ -335,7 +340,7 @@ def _loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def _setup_logging(level: str = "info") -> None:
+def _setup_logging(level: str = "info", fmt: str = "text") -> None:
     from gateway.logs import setup_logging
 
-    setup_logging(level)
+    setup_logging(level, fmt=fmt)

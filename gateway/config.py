@@ -44,6 +44,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # are replaced by what the gateway itself saw.
 DEFAULT_TRUSTED_PROXIES: tuple[str, ...] = ()
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 _BUFFERING = {"on": "on", "true": "on", "off": "off", "false": "off", "auto": "auto"}
 _MIN_SECRET = 32  # bytes of shared.secret; admin.token needs half as many characters
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -210,6 +211,20 @@ class UpstreamTLSConfig:
 class LogConfig:
     level: str = "info"
     access: bool = True
+    format: str = "text"  # of the gateway's own messages on stderr: text | json
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """W3C trace context and OpenTelemetry (gateway.tracing)."""
+
+    generate: bool = False  # start a trace for a forwarded request that comes without one
+    opentelemetry: bool = False  # spans, exported as the OTEL_* variables say
+    exporters: tuple[str, ...] = ()  # span exporters' entry point names, from OTEL_*
+
+    @property
+    def active(self) -> bool:
+        return self.generate or self.opentelemetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +281,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     cors: CorsConfig | None = None  # the global `cors:` section
     decision: DecisionConfig | None = None  # None: no decision endpoint
+    tracing: TracingConfig = TracingConfig()
 
 
 # --------------------------------------------------------------------------- reading
@@ -512,6 +528,7 @@ class _Validator:
                     "cors",
                     "decision",
                     "decision_listen",
+                    "tracing",
                 },
             ),
             None,
@@ -556,6 +573,7 @@ class _Validator:
             None,
         )
         log_cfg = g(lambda: self.log(top.get("log")), None)
+        tracing = g(lambda: self.tracing(top.get("tracing")), None)
         trusted = g(
             lambda: self.networks(
                 "trusted_proxies", top.get("trusted_proxies", list(DEFAULT_TRUSTED_PROXIES))
@@ -607,6 +625,7 @@ class _Validator:
             admin=admin_cfg,
             cors=cors or None,
             decision=decision or None,
+            tracing=tracing,
         )
 
     def limits(self, raw: Any) -> LimitsConfig:
@@ -975,15 +994,43 @@ class _Validator:
         return tuple(out)
 
     def log(self, raw: Any) -> LogConfig:
-        m = self.mapping("log", raw, {"level", "access"})
+        m = self.mapping("log", raw, {"level", "access", "format"})
         level = self.guard(lambda: self.string("log.level", m.get("level", "info")).lower(), None)
         if level is not None and level not in _LOG_LEVELS:
             self.problems.append(f"log.level: must be one of {', '.join(_LOG_LEVELS)}")
             level = None
         access = self.guard(lambda: self.boolean("log.access", m.get("access", True)), None)
-        if level is None or access is None:
+        fmt = self.guard(lambda: self.string("log.format", m.get("format", "text")).lower(), None)
+        if fmt is not None and fmt not in _LOG_FORMATS:
+            self.problems.append(f"log.format: must be one of {', '.join(_LOG_FORMATS)}")
+            fmt = None
+        if level is None or access is None or fmt is None:
             raise _Invalid()
-        return LogConfig(level=level, access=access)
+        return LogConfig(level=level, access=access, format=fmt)
+
+    def tracing(self, raw: Any) -> TracingConfig:
+        m = self.mapping("tracing", raw, {"generate", "opentelemetry"})
+        g = self.guard
+        generate = g(lambda: self.boolean("tracing.generate", m.get("generate", False)), None)
+        otel = g(lambda: self.boolean("tracing.opentelemetry", m.get("opentelemetry", False)), None)
+        if generate is None or otel is None:
+            raise _Invalid()
+        exporters: tuple[str, ...] = ()
+        if otel and self.env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            otel = False  # the standard switch: no spans, whatever the file says
+        elif otel:
+            from gateway import tracing
+
+            if not tracing.sdk_installed():
+                raise self.fail(
+                    "tracing.opentelemetry",
+                    "the OpenTelemetry SDK is not installed: pip install 'authlete-gateway[otel]'",
+                )
+            try:
+                exporters = tracing.exporter_names(self.env)
+            except ValueError as exc:
+                raise self.fail("tracing.opentelemetry", str(exc)) from None
+        return TracingConfig(generate=generate, opentelemetry=otel, exporters=exporters)
 
     def realm(self, value: Any) -> str:
         text = self.string("realm", value)
@@ -1533,6 +1580,11 @@ def summary(cfg: Config) -> Iterator[str]:
             f"{sh.local_ttl:g}s  timeout {sh.timeout:g}s  fallback {sh.fallback_rate:g}/s"
         )
     yield f"purge endpoint: {'on' if cfg.admin.token else 'off (no admin.token)'}"
+    if cfg.tracing.active:
+        kinds = ["generate"] if cfg.tracing.generate else []
+        if cfg.tracing.opentelemetry:
+            kinds.append(f"opentelemetry ({', '.join(cfg.tracing.exporters) or 'no exporter'})")
+        yield f"tracing: {', '.join(kinds)}"
     if cfg.decision is not None:
         yield f"decision endpoint: {cfg.decision.path} on {cfg.decision.listen or cfg.listen}"
     yield f"{len(cfg.routes)} route(s), first match wins:"

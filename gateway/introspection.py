@@ -17,6 +17,7 @@ import aiohttp
 from gateway.budget import Budget, CallFailed, Priority, Reply, TransportError
 from gateway.config import AuthleteConfig
 from gateway.metrics import Metrics
+from gateway.tracing import current_span
 from gateway.verdict import Active, Inactive, Verdict
 
 log = logging.getLogger("gateway.introspection")
@@ -96,7 +97,7 @@ class Introspector:
         body = json.dumps({"token": token}).encode()
         metrics = self._metrics
 
-        async def send(timeout: float) -> Reply:
+        async def attempt(timeout: float) -> Reply:
             if on_send is not None:
                 on_send()
             started = time.perf_counter()
@@ -126,6 +127,24 @@ class Introspector:
                 metrics.introspections.labels("throttled").inc()
             elif reply.status >= 500:
                 metrics.introspections.labels("error").inc()
+            return reply
+
+        async def send(timeout: float) -> Reply:
+            traced = current_span()  # OpenTelemetry: a span under the request that asked
+            if traced is None:
+                return await attempt(timeout)
+            otel, parent = traced
+            span = otel.introspection_span(parent, self._url)
+            try:
+                reply = await attempt(timeout)
+            except TransportError as exc:
+                otel.end_introspection(span, None, exc.outcome)
+                raise
+            except BaseException as exc:
+                outcome = exc.outcome if isinstance(exc, IntrospectionError) else None
+                otel.end_introspection(span, None, outcome or type(exc).__name__)
+                raise
+            otel.end_introspection(span, reply.status, None)
             return reply
 
         try:

@@ -1,5 +1,6 @@
 """Access log: one JSON line per request on stdout, and request ids. The gateway's own
-messages on stderr, with repeated lines of one kind collapsed.
+messages on stderr (`log.format`: text, or one JSON object per line), with repeated lines of
+one kind collapsed.
 
 Access lines are buffered and written at most every 100 ms (or when 64 KiB are waiting), so
 the hot path pays for a json.dumps and a list append, not for a system call per request.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import json
 import logging
 import os
 import sys
@@ -104,6 +106,7 @@ class AccessLog:
 # --------------------------------------------------------------------------- the gateway's own log
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
 COLLAPSE_INTERVAL = 10.0  # seconds a kind of message is logged once, then counted
 COLLAPSE_MAX_KINDS = 256  # kinds tracked at once; the oldest is closed (and summed up) first
 
@@ -218,6 +221,7 @@ class RepeatFilter(logging.Filter):
                 kind.func,
             )
             summary.collapsed_summary = True
+            summary.repeated = kind.suppressed
             out.append(summary)
 
 
@@ -234,15 +238,65 @@ def collapse_repeats(
     return repeats
 
 
-def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """The gateway's own messages on stderr, repeated ones collapsed (see RepeatFilter).
-    Like logging.basicConfig: does nothing when the root logger already has a handler."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line, for `log.format: json`: `time` (epoch
+    seconds, as in the access log), `level`, `logger`, `message`, then `request_id` when the
+    record was logged for a request (`extra={"request_id": ...}`), `repeated` on a collapsed
+    kind's summary line, and `exception` (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            doc["request_id"] = str(request_id)
+        repeated = getattr(record, "repeated", None)
+        if repeated is not None:
+            doc["repeated"] = repeated
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, separators=(",", ":"), default=str)
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    """The formatter of the gateway's own log for `log.format`."""
+    return JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT)
+
+
+_handler: logging.Handler | None = None  # the stderr handler setup_logging installed
+
+
+def setup_logging(level: str = "info", stream: TextIO | None = None, fmt: str = "text") -> None:
+    """The gateway's own messages on stderr, repeated ones collapsed (see RepeatFilter), as
+    text lines or JSON objects (`fmt`). Like logging.basicConfig: does nothing when the root
+    logger already has a handler."""
+    global _handler
     root = logging.getLogger()
     if root.handlers:
         return
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(formatter(fmt))
     repeats = collapse_repeats(handler)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    _handler = handler
     atexit.register(repeats.flush)  # runs before logging's own shutdown (atexit is LIFO)
+
+
+def set_log_format(fmt: str) -> None:
+    """A reload changed `log.format`: the handler setup_logging installed writes the new way."""
+    if _handler is not None:
+        _handler.setFormatter(formatter(fmt))
+
+
+def logs_json() -> bool:
+    """Whether the gateway's own log is JSON (setup_logging was told `json`)."""
+    return _handler is not None and isinstance(_handler.formatter, JsonFormatter)

@@ -9,7 +9,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,6 +33,19 @@ KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 NO_ROUTE = "(none)"
+
+# Label values known in advance: their series exist (at 0) from the start, so a query such
+# as `rate(gateway_authlete_budget_rejected_total[5m])` reads 0, not nothing, before the
+# first event (observability/queries.yaml relies on it).
+INTROSPECTION_OUTCOMES = (
+    "ok", "unauthorized", "forbidden", "bad_request", "internal_server_error",
+    "error", "timeout", "throttled", "rejected", "invalid_response",
+)  # fmt: skip
+BUDGET_REJECTED_REASONS = ("wait_timeout", "breaker_open", "client_quota")
+CACHE_RESULTS = ("hit", "negative_hit", "shared_hit", "shared_negative_hit", "miss", "stale")
+CACHE_REFRESH_RESULTS = ("active", "inactive", "failed")
+RELOAD_RESULTS = ("success", "error")
+UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "protocol")  # per route with an upstream
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -131,9 +151,25 @@ class Histogram(Collector):
         return [family]
 
 
+def add_runtime_collectors(registry: CollectorRegistry) -> None:
+    """prometheus_client's standard collectors for this process: `process_*` (CPU seconds,
+    resident and virtual memory, open and maximum file descriptors, start time; read from
+    /proc, so Linux only: elsewhere they export nothing), `python_gc_*` (collections and
+    objects collected per generation) and `python_info` (the interpreter's version)."""
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        """Every gateway metric, in `registry` or in a registry of its own, which also gets
+        the process, GC and platform collectors (`add_runtime_collectors`); a registry given
+        by the caller gets only the gateway's metrics."""
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+            add_runtime_collectors(registry)
+        self.registry = registry
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -338,6 +374,21 @@ class Metrics:
         )
         build = Gauge("gateway_build_info", "Build information.", ["version"], registry=r)
         build.labels(__version__).set(1)
+        self.ready = Gauge(
+            "gateway_ready",
+            "1 while /readyz answers 200 (serving, the Authlete breaker not open, the "
+            "gateway's access token not rejected), else 0.",
+            registry=r,
+        )
+        for counter, values in (
+            (self.introspections, INTROSPECTION_OUTCOMES),
+            (self.budget_rejected, BUDGET_REJECTED_REASONS),
+            (self.cache_requests, CACHE_RESULTS),
+            (self.cache_refreshes, CACHE_REFRESH_RESULTS),
+            (self.reloads, RELOAD_RESULTS),
+        ):
+            for value in values:
+                counter.labels(value)
         self._request_children: dict[tuple[str, str, int], _CounterChild] = {}
         self._upstream_children: dict[tuple[str, int], _CounterChild] = {}
         self._decision_children: dict[tuple[str, str, int], _CounterChild] = {}
@@ -369,6 +420,10 @@ class Metrics:
             child = self.upstream_requests.labels(route, str(status))
             self._upstream_children[key] = child
         child.inc()
+
+    def route_upstream_errors(self, route: str) -> dict[str, _CounterChild]:
+        """The route's upstream error counters, one per kind, at 0 until a failure."""
+        return {kind: self.upstream_errors.labels(route, kind) for kind in UPSTREAM_ERROR_KINDS}
 
     def watch_cache(self, entries: Callable[[], int], evictions: Callable[[], int]) -> None:
         self.registry.register(_CacheCollector(entries, evictions))

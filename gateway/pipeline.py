@@ -88,7 +88,9 @@ class CompiledRoute:
         self.overhead: _HistogramChild = metrics.overhead.labels(route.name)
         self.upstream_duration: _HistogramChild = metrics.upstream_duration.labels(route.name)
         self.decision_duration: _HistogramChild = metrics.decision_duration.labels(route.name)
-        self.upstream_errors: dict[str, _CounterChild] = {}
+        self.upstream_errors: dict[str, _CounterChild] = (
+            metrics.route_upstream_errors(route.name) if pool is not None else {}
+        )
 
 
 class Plan:

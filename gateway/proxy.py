@@ -29,6 +29,7 @@ _X_FORWARDED_FOR = 9
 _X_FORWARDED_PROTO = 10  # believed from trusted proxies only
 _X_FORWARDED_HOST = 11
 _ORIGIN = 12  # passed on unchanged, and read for CORS
+_TRACEPARENT = 13  # passed on (when the lists let it), and read for the trace id
 
 _SPECIAL = {
     "host": _HOST,
@@ -43,6 +44,8 @@ _SPECIAL = {
     "x-forwarded-host": _X_FORWARDED_HOST,
     "origin": _ORIGIN,
 }
+# A decision request keeps nothing; of the rest it reads only the trace context's id.
+_DECISION_KINDS = {**_SPECIAL, "traceparent": _TRACEPARENT}
 # Headers that upstream frameworks, servers and auth proxies read as facts about the client
 # (who it is, where it connects from, scheme, host, path) or as its method. Names are folded
 # (lower case, `_` read as `-`); an entry ending in `*` is a prefix. Documented in the README
@@ -186,6 +189,7 @@ class Inbound:
         "kept",
         "origin",
         "request_id",
+        "traceparent",
         "transfer_encoding",
         "x_forwarded_for",
     )
@@ -205,6 +209,7 @@ class Inbound:
         self.forwarded_proto: bytes | None = None
         self.forwarded_host: bytes | None = None
         self.origin: bytes | None = None  # the first Origin header (CORS)
+        self.traceparent: list[bytes] | None = None  # W3C trace context (gateway.tracing)
 
 
 class HeaderPolicy:
@@ -218,6 +223,10 @@ class HeaderPolicy:
         self._scopes = names.scopes.encode() + _SEP
         self._client_id = names.client_id.encode() + _SEP
         self._identity = frozenset(fold(n) for n in (names.subject, names.scopes, names.client_id))
+        remove = b"x-envoy-auth-headers-to-remove: "
+        every = (names.subject, names.scopes, names.client_id)
+        self._unset_all = remove + ", ".join(n.lower() for n in every).encode() + _CRLF
+        self._unset_subject = remove + names.subject.lower().encode() + _CRLF
         self._untrusted_only = _Rules(DROPPED_FROM_UNTRUSTED)
         self._every_peer = _Rules(DROPPED_FROM_EVERY_PEER)
         self._configured_drop = _Rules(names.drop_from_untrusted)
@@ -242,6 +251,13 @@ class HeaderPolicy:
             self._identity_blocks.clear()  # bounded; rebuilding is cheap
         self._identity_blocks[identity] = block
         return block
+
+    def unset_identity(self, identity: Active | None) -> bytes:
+        """`x-envoy-auth-headers-to-remove` naming the identity headers a decision answer
+        does not carry (b"" when it carries all three)."""
+        if identity is None:
+            return self._unset_all
+        return self._unset_subject if identity.subject is None else b""
 
     def identity_lines(self, identity: Active) -> bytes:
         """The identity header lines for a verdict (what a decision answer carries)."""
@@ -271,6 +287,12 @@ class HeaderPolicy:
         return peer
 
     def _kind(self, name: bytes, trusted: bool) -> int:
+        kind = self._forwarding_kind(name, trusted)
+        if kind == _PASS and name.lower() == b"traceparent":
+            return _TRACEPARENT  # unless the lists drop it (then the upstream never sees it)
+        return kind
+
+    def _forwarding_kind(self, name: bytes, trusted: bool) -> int:
         lower = name.decode("latin-1").lower()
         kind = _SPECIAL.get(lower)
         if kind is not None:
@@ -310,7 +332,7 @@ class HeaderPolicy:
                 if forwarding:
                     kind = self._kind(name, trusted)
                 else:
-                    kind = _SPECIAL.get(name.decode("latin-1").lower(), _DROP)
+                    kind = _DECISION_KINDS.get(name.decode("latin-1").lower(), _DROP)
                 if len(kinds) < 4096:
                     kinds[name] = kind
             if kind == _PASS:
@@ -353,6 +375,11 @@ class HeaderPolicy:
             elif kind == _ORIGIN:
                 if inbound.origin is None:
                     inbound.origin = value
+                kept += (name, _SEP, value, _CRLF)
+            elif kind == _TRACEPARENT:
+                if inbound.traceparent is None:
+                    inbound.traceparent = []
+                inbound.traceparent.append(value)
                 kept += (name, _SEP, value, _CRLF)
         if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)

@@ -50,11 +50,13 @@ from gateway.pipeline import (
 )
 from gateway.proxy import response_headers
 from gateway.tls import server_name_of
+from gateway.tracing import trace_id_of
 from gateway.tunnel import Tunnel
 from gateway.upstream import CHUNKED, STREAM, Pool, UpstreamConnection
 from gateway.verdict import Active, Verdict
 
 if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace, Tracing
     from gateway.verdicts import Verdicts
 
 log = logging.getLogger("gateway")
@@ -151,6 +153,8 @@ class Listener:
         self.access_log = access_log
         self.scheme = b"https" if tls else b"http"
         self.request_ids = RequestIds()
+        # `tracing:` (set by the app, replaced on reload); None: nothing per request
+        self.tracing: Tracing | None = None
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self.emptied = asyncio.Event()  # set when closing and the last connection is gone
@@ -275,6 +279,9 @@ class Listener:
                 route.duration.observe(duration)
             else:
                 self.metrics.request_duration.labels(NO_ROUTE).observe(duration)
+        trace = ex.trace
+        if trace is not None and trace.span is not None:
+            trace.end(ex)  # OpenTelemetry: the request's spans end
         access_log = self.access_log
         if access_log is None:
             return
@@ -296,13 +303,23 @@ class Listener:
         else:
             client_id = '"' + identity.client_id + '"'
             subject = "null" if identity.subject is None else _json_str(identity.subject)
+        # The trace id the upstream sees: the request's valid traceparent's, or the one the
+        # gateway started (tracing); 32 hex digits when not null.
+        if trace is not None:
+            trace_id = trace.trace_id
+        elif ex.inbound.traceparent is None:
+            trace_id = None  # the common case: no trace context came
+        else:
+            trace_id = trace_id_of(ex.inbound.traceparent)
+        trace_field = "null" if trace_id is None else '"' + trace_id + '"'
         access_log.write(
             f'{{"request_id":"{ex.request_id}",{_DECISION_FIELD if ex.decision else ""}'
             f'"remote":"{ex.conn.peer}",'
             f'"route":"{name}","method":"{ex.method_name}","path":{path},'
             f'"status":{ex.status},"duration":{duration:.6f},"upstream_duration":{upstream},'
             f'"cache":{cache},"client_id":{client_id},"subject":{subject},'
-            f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"time":{time.time():.6f}}}'
+            f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"trace_id":{trace_field},'
+            f'"time":{time.time():.6f}}}'
         )
 
 
@@ -712,7 +729,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         status, error, description = refusal
         listener = self.listener
-        log.info("malformed request from %s: %s", self.peer, why)
         self.pause(_PAUSE_DONE)
         self._release_head()  # nothing more of it is read
         self.headers = []
@@ -721,9 +737,21 @@ class ClientConnection(asyncio.BufferedProtocol):
         if ex is not None and not ex.gone:
             # Its head was good and it may be on its way upstream: stop that at once.
             ex.fail_request(closing_answer(status, error, description), status)
+            log.info(
+                "malformed request from %s: %s",
+                self.peer,
+                why,
+                extra={"request_id": ex.request_id or None},
+            )
             return
         answer = closing_answer(status, error, description)
         refused = _closing_exchange(self, answer, status)
+        log.info(
+            "malformed request from %s: %s",
+            self.peer,
+            why,
+            extra={"request_id": refused.request_id},
+        )
         if self.cur is None:
             self.out.append(answer)
             listener.account(refused)
@@ -747,7 +775,11 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.parsing = None
             self.deadline = _NEVER
             if ex is not None:
-                log.info("request body from %s too slow", self.peer)
+                log.info(
+                    "request body from %s too slow",
+                    self.peer,
+                    extra={"request_id": ex.request_id or None},
+                )
                 ex.refuse(BODY_TOO_SLOW)
             return
         if now < self.deadline:
@@ -864,6 +896,7 @@ class Exchange:
         "status",
         "target",
         "task",
+        "trace",
         "unsent_head",
         "up",
         "upload_done",
@@ -927,6 +960,7 @@ class Exchange:
         self.gone = False
         self.finished = False
         self.task: asyncio.Task[None] | None = None
+        self.trace: RequestTrace | None = None  # with `tracing:` only
 
     # ------------------------------------------------------------------ the pipeline
     def begin(self) -> None:
@@ -943,6 +977,9 @@ class Exchange:
         self.request_id = listener.request_ids.take(
             rid.decode("latin-1") if rid is not None else None
         )
+        tracing = listener.tracing
+        if tracing is not None:
+            self.trace = tracing.begin(self, True)
         if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
             self.refuse(BAD_HOST)
             return
@@ -998,7 +1035,12 @@ class Exchange:
         found = lookup(self.conn.listener.verdicts, token)
         if isinstance(found, Miss):
             self.cache = "miss"
-            self.task = asyncio.get_running_loop().create_task(self._await_verdict(routed, found))
+            waiting = self._await_verdict(routed, found)
+            trace = self.trace
+            if trace is None:
+                self.task = asyncio.get_running_loop().create_task(waiting)
+            else:  # the Authlete call made for it is traced as its child
+                self.task = trace.task(waiting)
             return
         verdict, self.cache = found
         self.decide(routed, verdict)
@@ -1013,7 +1055,12 @@ class Exchange:
         try:
             verdict, self.cache = await conn.listener.verdicts.fetch(miss.token, miss.key, client)
         except IntrospectionError as exc:
-            log.warning("no verdict for route %s: %s", routed.route.name, exc.detail)
+            log.warning(
+                "no verdict for route %s: %s",
+                routed.route.name,
+                exc.detail,
+                extra={"request_id": self.request_id},
+            )
             if not self.gone:
                 self.deny(unavailable(exc.retry_after))
             return
@@ -1177,6 +1224,9 @@ class Exchange:
         self.length = self.bytes_in if self.buffering and route.request_buffering == "on" else None
         pool = route.pool
         assert pool is not None  # decision-only routes are never matched by proxied requests
+        trace = self.trace
+        if trace is not None and trace.span is not None:
+            trace.upstream(self)  # OpenTelemetry: the traceparent sent names its span
         self.upstream_head_bytes = self.plan.header_policy.request_head(
             self.method,
             routed.target,
@@ -1266,7 +1316,11 @@ class Exchange:
             try:
                 self.spool = tempfile.TemporaryFile(prefix="gateway-body-")  # noqa: SIM115
             except OSError as exc:
-                log.warning("cannot buffer a request body on disk, streaming it: %s", exc)
+                log.warning(
+                    "cannot buffer a request body on disk, streaming it: %s",
+                    exc,
+                    extra={"request_id": self.request_id},
+                )
                 self._stop_buffering()
                 self._keep(chunk)
                 return
@@ -1454,6 +1508,8 @@ class Exchange:
             route.pool.reconnect(self, route.timeout, up.pool if up is not None else None)
             return
         self._upstream_done()
+        if self.trace is not None:
+            self.trace.upstream_failed(kind)
         errors = route.upstream_errors.get(kind)
         if errors is None:
             errors = route.upstream_errors[kind] = (
@@ -1469,11 +1525,19 @@ class Exchange:
         if self.response_started:
             # The status line is gone already: all we can honestly do is cut the connection,
             # so the client sees a truncated message instead of a complete wrong one.
-            log.info("response stream cut: upstream %s", kind)
+            log.info(
+                "response stream cut: upstream %s", kind, extra={"request_id": self.request_id}
+            )
             self.conn.abort()
             return
         origin = route.pool.upstream.origin if route.pool is not None else "-"
-        log.warning("upstream %s for route %s: %s", origin, route.name, kind)
+        log.warning(
+            "upstream %s for route %s: %s",
+            origin,
+            route.name,
+            kind,
+            extra={"request_id": self.request_id},
+        )
         self.deny(GATEWAY_TIMEOUT if kind == "timeout" else BAD_GATEWAY)
         if self.conn.out:
             self.conn.flush()
@@ -1634,6 +1698,9 @@ class DecisionExchange(Exchange):
         self.request_id = conn.listener.request_ids.take(
             rid.decode("latin-1") if rid is not None else None
         )
+        tracing = conn.listener.tracing
+        if tracing is not None:
+            self.trace = tracing.begin(self, False)  # never forwarded: nothing generated
         if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
             self.refuse(BAD_HOST)
             return
@@ -1647,7 +1714,9 @@ class DecisionExchange(Exchange):
             return
         if not conn.trusted:
             log.warning(
-                "decision request from %s refused: the peer is not in trusted_proxies", conn.peer
+                "decision request from %s refused: the peer is not in trusted_proxies",
+                conn.peer,
+                extra={"request_id": self.request_id},
             )
             self.deny(UNTRUSTED)
             return
@@ -1683,6 +1752,10 @@ class DecisionExchange(Exchange):
             if remaining is None or remaining > _DISCARD_LIMIT or self._expects_continue():
                 self.keep_alive = False
         parts = [_ALLOWED]
+        policy = self.plan.header_policy
         if identity is not None:
-            parts.append(self.plan.header_policy.identity_lines(identity))
+            parts.append(policy.identity_lines(identity))
+        # Envoy's ext_authz copies only the identity headers an answer carries, and leaves a
+        # client's copy of the others: it removes what this header lists.
+        parts.append(policy.unset_identity(identity))
         self._answer(200, parts, b"")

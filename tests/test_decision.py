@@ -74,11 +74,19 @@ async def test_allowed_answers_200_with_identity_and_no_body(
     assert resp.header("X-Auth-Client-Id") == "42"
     assert resp.header("Content-Length") == "0" and resp.body == b""
     assert resp.header("Cache-Control") == "no-store"
-    # A token without a subject (client credentials): no subject header at all.
+    assert resp.header("x-envoy-auth-headers-to-remove") is None
+    # A token without a subject (client credentials): no subject header at all, and Envoy
+    # (which copies only what an answer carries) is told to remove a client's copy of it.
     resp = await ask(gw, *nginx("/api/x", "POST", token="writer"))
     assert resp.status == 200
     assert resp.header("X-Auth-Subject") is None
     assert resp.header("X-Auth-Client-Id") == "7"
+    assert resp.header("x-envoy-auth-headers-to-remove") == "x-auth-subject"
+    resp = await ask(gw, *nginx("/public/x"))
+    assert resp.status == 200
+    assert resp.header("x-envoy-auth-headers-to-remove") == (
+        "x-auth-subject, x-auth-scopes, x-auth-client-id"
+    )
 
 
 async def test_denials_are_the_proxy_modes_own(

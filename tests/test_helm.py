@@ -192,8 +192,15 @@ def pod_annotations(docs: list[Doc]) -> dict[str, str]:
     return annotations
 
 
+def config_map(docs: list[Doc]) -> Doc:
+    """The gateway's own ConfigMap (the Grafana dashboard's, when on, is another)."""
+    found = [d for d in docs if d["kind"] == "ConfigMap" and "gateway.yaml" in d["data"]]
+    assert len(found) == 1, f"expected one ConfigMap with gateway.yaml, got {len(found)}"
+    return found[0]
+
+
 def gateway_yaml(docs: list[Doc]) -> str:
-    text: str = one(docs, "ConfigMap")["data"]["gateway.yaml"]
+    text: str = config_map(docs)["data"]["gateway.yaml"]
     return text
 
 
@@ -304,10 +311,11 @@ def test_rendered_manifests_are_valid_kubernetes(shape: str, tmp_path: Path) -> 
     rendered.write_text(_rendered_text(SHAPES[shape]), encoding="utf-8")
     proc = kubernetes_validate(rendered)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # Only the CRD kind may go unvalidated (a warning); anything else is a failure.
+    # Only the CRD kinds may go unvalidated (a warning); anything else is a failure.
+    crds = {"ServiceMonitor", "PrometheusRule"}
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert all("ServiceMonitor" in line for line in warnings), warnings
-    assert bool(warnings) == ("ServiceMonitor" in kinds(render(*SHAPES[shape])))
+    assert all(any(kind in line for kind in crds) for line in warnings), warnings
+    assert bool(warnings) == bool(crds & set(kinds(render(*SHAPES[shape]))))
 
 
 @needs_validator
@@ -336,6 +344,9 @@ def test_validator_catches_an_unknown_field(tmp_path: Path) -> None:
         ("config.upstream_timeout=true", "upstream_timeout"),
         ("config.shutdown_timeout=soon", "shutdown_timeout"),
         ("metrics.serviceMonitor.interval=often", "interval"),
+        ("metrics.grafanaDashboard.enabled=yes", "enabled"),
+        ("metrics.grafanaDashboard.label=", "label"),
+        ("metrics.prometheusRule.rules=x", "rules"),
     ],
 )
 def test_schema_rejects_bad_values(setting: str, message: str) -> None:
@@ -370,10 +381,12 @@ def test_default_render_is_standalone_without_optional_parts() -> None:
 def test_full_render_has_every_optional_part() -> None:
     assert kinds(render(*FULL)) == [
         "ConfigMap",
+        "ConfigMap",  # the Grafana dashboard
         "Deployment",
         "HorizontalPodAutoscaler",
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "PrometheusRule",
         "Secret",
         "Service",
         "Service",
@@ -390,12 +403,15 @@ def test_sidecar_render_is_only_the_config() -> None:
     # (the NetworkPolicy then needs the application pods' labels).
     # (Sidecars with shared state need the number of application pods.)
     sidecar_full = (*FULL, "--set", "mode=sidecar", "--set", "shared.expectedReplicas=4")
-    docs = render(*sidecar_full, "--set", "networkPolicy.podSelector.app=x")
+    # (The dashboard and the alert rules are no workload: they render in either mode.)
+    off = ("metrics.grafanaDashboard.enabled=false", "metrics.prometheusRule.enabled=false")
+    monitoring = ("--set", off[0], "--set", off[1])
+    docs = render(*sidecar_full, *monitoring, "--set", "networkPolicy.podSelector.app=x")
     assert kinds(docs) == ["ConfigMap", "NetworkPolicy", "Secret"]
-    assert kinds(render(*sidecar_full, "--set", "networkPolicy.enabled=false")) == [
-        "ConfigMap",
-        "Secret",
-    ]
+    docs = render(*sidecar_full, *monitoring, "--set", "networkPolicy.enabled=false")
+    assert kinds(docs) == ["ConfigMap", "Secret"]
+    docs = render(*sidecar_full, "--set", "networkPolicy.enabled=false")
+    assert kinds(docs) == ["ConfigMap", "ConfigMap", "PrometheusRule", "Secret"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -435,7 +451,7 @@ def test_config_keys_unknown_to_the_schema_reach_the_gateway(tmp_path: Path) -> 
 def test_config_token_is_an_environment_reference(shape: str) -> None:
     docs = render(*SHAPES[shape], "--set", "authlete.accessToken=s3cr3t-token-value")
     assert gateway_config(docs)["authlete"]["access_token"] == "${AUTHLETE_ACCESS_TOKEN}"
-    assert "s3cr3t-token-value" not in yaml.safe_dump(one(docs, "ConfigMap"))
+    assert "s3cr3t-token-value" not in yaml.safe_dump(config_map(docs))
 
 
 @pytest.mark.parametrize("shape", ["default", "full"])
@@ -463,7 +479,7 @@ def test_config_is_mounted_where_the_image_looks_for_it() -> None:
     }
     volume = pod_spec(docs)["volumes"][0]
     assert volume == {"name": "gateway-config", "configMap": {"name": "ci-gateway"}}
-    assert one(docs, "ConfigMap")["metadata"]["name"] == "ci-gateway"
+    assert config_map(docs)["metadata"]["name"] == "ci-gateway"
 
 
 def test_workers_flag() -> None:
@@ -1176,7 +1192,7 @@ def test_admin_token_wiring() -> None:
     }
     assert gateway_config(docs)["admin"] == {"token": "${GATEWAY_ADMIN_TOKEN}"}
     assert "shared" not in gateway_config(docs)  # a purge without shared state: one pod
-    assert "given-admin-token" not in yaml.safe_dump(one(docs, "ConfigMap"))
+    assert "given-admin-token" not in yaml.safe_dump(config_map(docs))
     generated = chart_secrets(render("--set", "admin.generateToken=true"))["ci-gateway-admin"]
     assert re.fullmatch(r"[A-Za-z0-9]{40}", generated["admin-token"])
 
