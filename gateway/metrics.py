@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.decision import DENIAL_REASONS
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series only add bulk (and break summing workers up)
 
@@ -175,6 +176,14 @@ class Metrics:
             "gateway_requests",
             "Requests answered, by route, method and status.",
             ["route", "method", "status"],
+            registry=r,
+        )
+        self.denials = Counter(
+            "gateway_denials",
+            "Requests (and decisions) refused for their token, by route and reason: "
+            "missing_token, malformed_token, invalid_token, insufficient_scope, forbidden, "
+            "bad_request, authlete_error, unavailable, untrusted_peer.",
+            ["route", "reason"],
             registry=r,
         )
         self.decisions = Counter(
@@ -420,6 +429,10 @@ class Metrics:
             child = self.upstream_requests.labels(route, str(status))
             self._upstream_children[key] = child
         child.inc()
+
+    def route_denials(self, route: str) -> dict[str, _CounterChild]:
+        """The route's token-denial counters, one per reason, at 0 until a denial."""
+        return {reason: self.denials.labels(route, reason) for reason in DENIAL_REASONS}
 
     def route_upstream_errors(self, route: str) -> dict[str, _CounterChild]:
         """The route's upstream error counters, one per kind, at 0 until a failure."""

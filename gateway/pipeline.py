@@ -51,6 +51,7 @@ class CompiledRoute:
         "auth_required",
         "cors",
         "decision_duration",
+        "denials",
         "duration",
         "forward_authorization",
         "max_body_bytes",
@@ -88,6 +89,10 @@ class CompiledRoute:
         self.overhead: _HistogramChild = metrics.overhead.labels(route.name)
         self.upstream_duration: _HistogramChild = metrics.upstream_duration.labels(route.name)
         self.decision_duration: _HistogramChild = metrics.decision_duration.labels(route.name)
+        # Token denials by reason, at 0 from the start on routes that check tokens.
+        self.denials: dict[str, _CounterChild] = (
+            metrics.route_denials(route.name) if route.auth_required else {}
+        )
         self.upstream_errors: dict[str, _CounterChild] = (
             metrics.route_upstream_errors(route.name) if pool is not None else {}
         )

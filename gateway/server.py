@@ -101,7 +101,10 @@ _AFTER = (b"", b"?", b"/")
 _DECISION_FIELD = '"mode":"decision",'
 _ALLOWED = b"Content-Length: 0\r\nCache-Control: no-store\r\n"
 UNTRUSTED = denial(
-    403, "forbidden", "Decision requests are answered only to proxies in trusted_proxies."
+    403,
+    "forbidden",
+    "Decision requests are answered only to proxies in trusted_proxies.",
+    reason="untrusted_peer",
 )
 
 
@@ -1083,6 +1086,8 @@ class Exchange:
     # ------------------------------------------------------------------ local answers
     def deny(self, refused: Denial, close: bool = False) -> None:
         """Answer the client ourselves (RFC 6750 style for token problems)."""
+        if refused.reason:
+            self._count_denial(refused.reason)
         if not self.request_done:
             remaining = self._unread_body()
             if close or remaining is None or remaining > _DISCARD_LIMIT or self._expects_continue():
@@ -1101,6 +1106,14 @@ class Exchange:
         if cors is not None:  # so that a browser application can read why
             parts.append(answer_headers(cors, self.inbound.origin, True))
         self._answer(refused.status, parts, refused.body)
+
+    def _count_denial(self, reason: str) -> None:
+        route = self.route
+        counter = route.denials.get(reason) if route is not None else None
+        if counter is None:
+            name = route.name if route is not None else NO_ROUTE
+            counter = self.conn.listener.metrics.denials.labels(name, reason)
+        counter.inc()
 
     def _preflight(self) -> bool:
         """A CORS preflight to a route with a policy is answered here (204 or 403), without a

@@ -40,6 +40,7 @@ ROUTE_FAMILIES = frozenset(
         "gateway_request_duration_seconds",
         "gateway_decisions_total",
         "gateway_decision_duration_seconds",
+        "gateway_denials_total",
         "gateway_overhead_seconds",
         "gateway_upstream_requests_total",
         "gateway_upstream_duration_seconds",

@@ -201,6 +201,7 @@ def test_denials_show_401_and_403() -> None:
     titles = {p["title"]: p for p in panels()}
     exprs = [t["expr"] for t in titles["Denials by reason"]["targets"]]
     assert any('status=~"401|403"' in e for e in exprs)
+    assert any("sum by (reason)" in e and "gateway_denials_total" in e for e in exprs)
 
 
 # ------------------------------------------------------------------------------ README

@@ -47,6 +47,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
+from gateway.decision import DENIAL_REASONS
 from gateway.emulator import Emulator, Override
 from observability import build
 from tests.conftest import (
@@ -129,6 +130,14 @@ EXPECT: dict[str, Expect] = {
     ),
     "denials_by_status": Expect(
         [{"status": "401", "value": ">0"}, {"status": "403", "value": ">0"}]
+    ),
+    "denials_by_reason": with_after(
+        zero(*each("reason", DENIAL_REASONS, "0")),
+        {"reason": "missing_token", "value": ">0"},
+        {"reason": "invalid_token", "value": ">0"},
+        {"reason": "insufficient_scope", "value": ">0"},
+        {"reason": "unavailable", "value": ">0"},
+        {"reason": "untrusted_peer", "value": "0"},
     ),
     "gateway_5xx_by_route": with_after(
         zero(*each("route", ALL_ROUTES, "0")),
