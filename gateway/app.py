@@ -143,32 +143,15 @@ class Gateway:
             self._tls = server_context(cfg.tls)
         plan = Plan(cfg, self._pool_for, self.metrics)
         access_log = AccessLog() if cfg.log.access else None
-        listener = self._listener = Listener(
-            plan,
-            verdicts,
-            self.metrics,
-            cfg.limits,
-            self.pools,
-            access_log,
-            tls=self._tls is not None,
-        )
-        listener.tracing = self._tracing
+        listener = self._listener = self._new_listener(plan, verdicts, access_log, False)
         self._server = await self._serve(listener, cfg.listen.host, cfg.listen.port)
         self.proxy_port = int(self._server.sockets[0].getsockname()[1])
         listener.start_sweeping()
         decision_at = cfg.decision.listen if cfg.decision is not None else None
         if decision_at is not None:
-            decisions = self._decision_listener = Listener(
-                plan,
-                verdicts,
-                self.metrics,
-                cfg.limits,
-                self.pools,
-                access_log,
-                tls=self._tls is not None,
-                decision_only=True,
+            decisions = self._decision_listener = self._new_listener(
+                plan, verdicts, access_log, True
             )
-            decisions.tracing = self._tracing
             self._decision_server = await self._serve(decisions, decision_at.host, decision_at.port)
             self.decision_port = int(self._decision_server.sockets[0].getsockname()[1])
             decisions.start_sweeping()
@@ -212,6 +195,22 @@ class Gateway:
                 f"{decision_at.host}:{self.decision_port}" if decision_at else "the proxy listener"
             )
             log.info("decision endpoint: %s on %s", cfg.decision.path, where)
+
+    def _new_listener(
+        self, plan: Plan, verdicts: Verdicts, access_log: AccessLog | None, decision_only: bool
+    ) -> Listener:
+        listener = Listener(
+            plan,
+            verdicts,
+            self.metrics,
+            self.cfg.limits,
+            self.pools,
+            access_log,
+            tls=self._tls is not None,
+            decision_only=decision_only,
+        )
+        listener.tracing = self._tracing
+        return listener
 
     async def _serve(self, listener: Listener, host: str, port: int) -> asyncio.Server:
         return await asyncio.get_running_loop().create_server(

@@ -976,21 +976,8 @@ class Exchange:
         listener = self.conn.listener
         plan = self.plan
         inbound = self.inbound
-        rid = inbound.request_id
-        self.request_id = listener.request_ids.take(
-            rid.decode("latin-1") if rid is not None else None
-        )
-        tracing = listener.tracing
-        if tracing is not None:
-            self.trace = tracing.begin(self, True)
-        if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
-            self.refuse(BAD_HOST)
+        if not self._admit(forwarded=True):
             return
-        if inbound.transfer_encoding is not None:
-            refused = check_framing(inbound, self.http11, 0)
-            if refused is not None:
-                self.refuse(refused)
-                return
         if self.raw_target == b"*" and self.method == b"OPTIONS":
             self._server_options()
             return
@@ -1025,6 +1012,29 @@ class Exchange:
                 self.refuse(refused)
                 return
         self.check_token(routed)
+
+    def _admit(self, forwarded: bool) -> bool:
+        """The request id, the trace, and the refusals owed to any request whatever its
+        target (Host, framing). False: refused. `forwarded`: the request may go upstream
+        (a decision request never does: no trace is started for it)."""
+        listener = self.conn.listener
+        inbound = self.inbound
+        rid = inbound.request_id
+        self.request_id = listener.request_ids.take(
+            rid.decode("latin-1") if rid is not None else None
+        )
+        tracing = listener.tracing
+        if tracing is not None:
+            self.trace = tracing.begin(self, forwarded)
+        if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
+            self.refuse(BAD_HOST)
+            return False
+        if inbound.transfer_encoding is not None:
+            refused = check_framing(inbound, self.http11, 0)
+            if refused is not None:
+                self.refuse(refused)
+                return False
+        return True
 
     def check_token(self, routed: Routed) -> None:
         """The route's auth: forward (or allow) at once, deny, or await the verdict."""
@@ -1707,21 +1717,8 @@ class DecisionExchange(Exchange):
         conn = self.conn
         plan = self.plan
         inbound = self.inbound
-        rid = inbound.request_id
-        self.request_id = conn.listener.request_ids.take(
-            rid.decode("latin-1") if rid is not None else None
-        )
-        tracing = conn.listener.tracing
-        if tracing is not None:
-            self.trace = tracing.begin(self, False)  # never forwarded: nothing generated
-        if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
-            self.refuse(BAD_HOST)
+        if not self._admit(forwarded=False):
             return
-        if inbound.transfer_encoding is not None:
-            refused = check_framing(inbound, self.http11, 0)
-            if refused is not None:
-                self.refuse(refused)
-                return
         if self.stray:
             self.deny(NOT_FOUND)
             return

@@ -786,6 +786,29 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.
     raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
 
 
+# Where scripts/get-helm.sh and .ci/run put the chart checkers (helm, kubernetes-validate).
+CHECKERS = Path(os.environ.get("GATEWAY_TOOLS", "/var/tmp/gateway-tools"))
+
+
+def find_checker(env: str, name: str, cached: Path) -> str | None:
+    """A chart/example checker: $env, the cached install, beside this Python, or PATH."""
+    explicit = os.environ.get(env)
+    if explicit:
+        return explicit
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return str(cached)
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    return shutil.which(name)
+
+
+HELM = find_checker("HELM", "helm", CHECKERS / "bin" / "helm")
+KUBERNETES_VALIDATE = find_checker(
+    "KUBERNETES_VALIDATE", "kubernetes-validate", CHECKERS / "venv" / "bin" / "kubernetes-validate"
+)
+
+
 def need_tool(name: str) -> str:
     """The tool's path; a missing tool fails under CI (which installs it) and skips elsewhere."""
     path = shutil.which(name) or next(

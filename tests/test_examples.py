@@ -25,9 +25,7 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ import yaml
 
 from gateway.config import DecisionConfig, HeadersConfig
 from gateway.emulator import Emulator
-from tests.conftest import StartGateway, raw_request
+from tests.conftest import HELM, KUBERNETES_VALIDATE, StartGateway, raw_request
 
 IN_CI = bool(os.environ.get("CI"))  # .ci/run installs every checker: missing ones fail there
 
@@ -63,7 +61,6 @@ TRAEFIK_DYNAMIC = EXAMPLES / "traefik" / "dynamic.yml"
 TRAEFIK_K8S = EXAMPLES / "traefik" / "kubernetes" / "middleware.yaml"
 INGRESS_NGINX = EXAMPLES / "ingress-nginx" / "ingress.yaml"
 CHART = REPO / "helm" / "gateway"
-TOOLS = Path(os.environ.get("GATEWAY_TOOLS", "/var/tmp/gateway-tools"))
 
 YAML_FILES = [ENVOY, TRAEFIK_STATIC, TRAEFIK_DYNAMIC, TRAEFIK_K8S, INGRESS_NGINX]
 
@@ -366,24 +363,6 @@ def test_ingress_nginx_annotations() -> None:
 
 def chart_decision_url_literal() -> str:
     return f"http://{RELEASE}-gateway.{NAMESPACE}.svc.cluster.local:80{DECISION_PATH}"
-
-
-def _tool(env: str, name: str, cached: Path) -> str | None:
-    explicit = os.environ.get(env)
-    if explicit:
-        return explicit
-    if cached.is_file() and os.access(cached, os.X_OK):
-        return str(cached)
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    return shutil.which(name)
-
-
-HELM = _tool("HELM", "helm", TOOLS / "bin" / "helm")
-KUBERNETES_VALIDATE = _tool(
-    "KUBERNETES_VALIDATE", "kubernetes-validate", TOOLS / "venv" / "bin" / "kubernetes-validate"
-)
 
 
 @pytest.mark.skipif(HELM is None and not IN_CI, reason="helm not found (scripts/get-helm.sh)")

@@ -34,7 +34,14 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import free_port, gateway_run, need_tool, wait_for_port
+from tests.conftest import (
+    HELM,
+    KUBERNETES_VALIDATE,
+    free_port,
+    gateway_run,
+    need_tool,
+    wait_for_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "gateway"
@@ -43,7 +50,6 @@ FULL_VALUES = CHART / "ci" / "full-values.yaml"
 REDIS_VALUES = CHART / "ci" / "redis-values.yaml"
 SIDECAR_SHARED_VALUES = CHART / "ci" / "sidecar-shared-values.yaml"
 DECISION_VALUES = CHART / "ci" / "decision-values.yaml"
-TOOLS = Path(os.environ.get("GATEWAY_TOOLS", "/var/tmp/gateway-tools"))
 KUBE_VERSION = "1.30.0"
 RELEASE = "ci"
 NAMESPACE = "ci-ns"
@@ -76,23 +82,6 @@ SHAPES = {
 
 Doc = dict[str, Any]
 
-
-def _find(env: str, name: str, cached: Path) -> str | None:
-    explicit = os.environ.get(env)
-    if explicit:
-        return explicit
-    if cached.is_file() and os.access(cached, os.X_OK):
-        return str(cached)
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    return shutil.which(name)
-
-
-HELM = _find("HELM", "helm", TOOLS / "bin" / "helm")
-KUBERNETES_VALIDATE = _find(
-    "KUBERNETES_VALIDATE", "kubernetes-validate", TOOLS / "venv" / "bin" / "kubernetes-validate"
-)
 
 needs_helm = pytest.mark.skipif(
     HELM is None,
