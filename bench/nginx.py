@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
+
+from bench.procs import BenchError
 
 SMALL_BODY = "upstream says hello\n"
 BODY_BYTES = 1 << 20  # 1 MiB, for the download file and the uploads
@@ -39,7 +42,8 @@ events {{ worker_connections 16384; }}
 
 def upstream_conf(workdir: Path, port: int) -> str:
     """`/` answers a small fixed body with `return 200`; `/download` is a 1 MiB static file;
-    `/upload` reads the whole (<= 2 MiB, in-memory) body *before* answering 200.
+    `/upload` reads the whole (<= 2 MiB, in-memory) body *before* answering 200; `/_identity`
+    echoes the identity headers it received (the decision scenario's sanity check).
 
     A plain `return 200` would answer as soon as the headers arrive and discard the body
     afterwards (bench.nginx.check_upload_reads_body proves the difference), so `/upload` uses
@@ -74,6 +78,9 @@ http {{
             mirror_request_body on;
             alias {target};
             error_page 405 =200 @uploaded;
+        }}
+        location = /_identity {{
+            return 200 "subject=$http_x_auth_subject scopes=$http_x_auth_scopes\n";
         }}
         location = /_sink {{
             internal;
@@ -110,6 +117,56 @@ http {{
             proxy_max_temp_file_size 0;
         }}
     }}
+}}
+"""
+
+
+DECISION_PATH = "/_gateway/auth"  # the gateway's default `decision.path`, as in the example
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "gateway.conf"
+POOL = 64  # idle keep-alive connections per upstream, as the nginx reference proxy's
+
+# The shipped example's placeholders and what the benchmark puts in their place (see
+# decision_conf); each must occur `count` times, else the example changed shape.
+_PLACEHOLDERS = (
+    ("gateway upstream", r"server\s+gateway:8080;", 1),
+    ("app upstream", r"server\s+app:8000;", 1),
+    ("keepalive pools", r"keepalive\s+\d+;", 2),
+    ("listen", r"(?m)^(\s*)listen\s+80;", 1),
+)
+
+
+def decision_conf(
+    workdir: Path, port: int, upstream_port: int, gateway_port: int, example: Path = EXAMPLE
+) -> str:
+    """nginx in front, asking the gateway in decision mode (`auth_request`) and proxying to the
+    upstream itself: the shipped examples/nginx/gateway.conf (an `http { }` snippet) as it
+    is, inside the benchmark's common nginx settings, with its placeholders filled in
+    (`gateway:8080`, `app:8000`, `listen 80`) and its keep-alive pools raised to the nginx
+    reference proxy's (64 idle connections, 10^6 requests each), so that 64 connections do not
+    churn upstream connections in one configuration and not in the other."""
+    try:
+        text = example.read_text()
+    except OSError as exc:
+        raise BenchError(f"decision: cannot read the nginx example {example}: {exc}") from exc
+    values = {
+        "gateway upstream": f"server 127.0.0.1:{gateway_port};",
+        "app upstream": f"server 127.0.0.1:{upstream_port};",
+        "keepalive pools": f"keepalive {POOL};\n    keepalive_requests 1000000;",
+        "listen": f"\\1listen 127.0.0.1:{port} backlog=4096;",
+    }
+    for what, pattern, count in _PLACEHOLDERS:
+        text, found = re.subn(pattern, values[what], text)
+        if found != count:
+            raise BenchError(
+                f"decision: {example} has {found} {what} placeholder(s) ({pattern!r}), "
+                f"expected {count}: update bench/nginx.py to the example's new shape"
+            )
+    events, http = _common(workdir, "nginx-decision")
+    body = "\n".join(f"    {line}" if line else "" for line in text.splitlines())
+    return f"""{events}
+http {{
+{http}
+{body}
 }}
 """
 

@@ -22,6 +22,11 @@ RPS_VS_BARE = 3.0  # gateway req/s >= this x the bare aiohttp proxy's (c64)
 C1_P50_SLACK_MS = 0.05  # gateway's added p50 (vs direct) <= nginx's added p50 + this (c1)
 WORKERS_SCALING = 1.8  # two workers vs one, projected on free cores (see _workers_target)
 SHARED_CPU = 1.03  # fleet: gateway-shared CPU µs per request <= this x the gateway's (hot c64)
+# Decision mode (issue 13; decision scenario, c64, medians): the gateway's own CPU per decision
+# <= this x its CPU per proxied request, and nginx + gateway on the gateway's core >= this x
+# the requests/s of the gateway proxying alone there.
+DECISION_GATEWAY_CPU = 0.5
+DECISION_RPS = 1.5
 
 METRICS = (
     "rps",
@@ -66,6 +71,15 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
                 entry["errors"] = sum(r["errors"] for r in rs)
                 entry["non_2xx"] = sum(r["non_2xx"] for r in rs)
                 entry["pinned_cpus"] = rs[0]["pinned_cpus"]
+                if all("gateway_cpu_us_per_req" in r for r in rs):
+                    entry["gateway_cpu_us_per_req"] = spread(
+                        r["gateway_cpu_us_per_req"] for r in rs
+                    )
+                if all("cpu_parts_us_per_req" in r for r in rs):
+                    entry["cpu_parts_us_per_req"] = {
+                        role: spread(r["cpu_parts_us_per_req"][role] for r in rs)
+                        for role in rs[0]["cpu_parts_us_per_req"]
+                    }
                 entry["runs"] = rs
                 configs[name] = entry
             for entry in configs.values():
@@ -220,8 +234,61 @@ def targets(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, An
         )
     else:
         out.append(_target("streaming", "Streaming: peak RSS", "<= +20 MiB", None, None))
+    out += _decision_targets(results)
     if "fleet" in results:
         out.append(_fleet_hot_target(results, extra))
+    return out
+
+
+def _decision_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13: what an ingress asking the gateway (nginx auth_request) saves against the
+    gateway proxying, both on the gateway's core (c64, medians of the interleaved runs)."""
+    dec = _config(results, "decision", "c64", "decision")
+    gw = _config(results, "decision", "c64", "gateway")
+    both = dec is not None and gw is not None
+    out: list[dict[str, Any]] = []
+    tid = "decision-gateway-cpu"
+    desc = (
+        "Decision mode: the gateway's own CPU per decision (nginx auth_request) vs its CPU per "
+        "proxied request (c64)"
+    )
+    goal = f"<= {DECISION_GATEWAY_CPU:.1f}x"
+    if both and dec and gw and "gateway_cpu_us_per_req" in dec and gw["cpu_us_per_req"]["median"]:
+        d = dec["gateway_cpu_us_per_req"]["median"]
+        g = gw["cpu_us_per_req"]["median"]
+        total = dec["cpu_us_per_req"]["median"]
+        out.append(
+            _target(
+                tid,
+                desc,
+                goal,
+                f"{d / g:.2f}x ({d:.1f} vs {g:.1f} µs/req; nginx + gateway together "
+                f"{total:.1f} µs/req, {total / g:.2f}x)",
+                d / g <= DECISION_GATEWAY_CPU,
+            )
+        )
+    else:
+        out.append(_target(tid, desc, goal, None, None))
+    tid = "decision-rps"
+    desc = (
+        "Decision mode: requests/s of nginx auth_request + the gateway vs the gateway proxying "
+        "alone, on the same core (c64)"
+    )
+    goal = f">= {DECISION_RPS:.1f}x"
+    if both and dec and gw and gw["rps"]["median"]:
+        d, g = dec["rps"]["median"], gw["rps"]["median"]
+        out.append(
+            _target(
+                tid,
+                desc,
+                goal,
+                f"{d / g:.2f}x ({d:,.0f} vs {g:,.0f} req/s; CPUs: {dec['pinned_cpus']} vs "
+                f"gateway {gw['pinned_cpus']})",
+                d / g >= DECISION_RPS,
+            )
+        )
+    else:
+        out.append(_target(tid, desc, goal, None, None))
     return out
 
 
@@ -486,6 +553,7 @@ def markdown(doc: dict[str, Any]) -> str:
                     f"| {_num(d.get('p50_added_ms'))} "
                     f"| {_num(e['other_cpu_cores']['max'], 2)} | {errors or ''} |"
                 )
+        lines += _split_table(data)
         lines.append("")
         for case_name, case in data["cases"].items():
             lines.append(f"- **{case_name}**: {case['title']}")
@@ -499,6 +567,36 @@ def markdown(doc: dict[str, Any]) -> str:
             *fleet.tables(doc["fleet"]),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _split_table(data: dict[str, Any]) -> list[str]:
+    """Where the CPU of a request goes, by process, in a scenario where a configuration is
+    more than one process tree (decision: the nginx in front and the gateway)."""
+    cases = data["cases"]
+    if not any("cpu_parts_us_per_req" in e for c in cases.values() for e in c["configs"].values()):
+        return []
+    rows = []
+    for case_name, case in cases.items():
+        for config, e in case["configs"].items():
+            parts: dict[str, Any] = e.get("cpu_parts_us_per_req", {})
+            gw = e.get("gateway_cpu_us_per_req")
+            ngx = parts.get("nginx") or (e["cpu_us_per_req"] if config == "nginx" else None)
+            rows.append(
+                f"| {case_name} | {config} | {e['pinned_cpus']} | {_cell(e['rps'], 0)} "
+                f"| {_cell(e['cpu_us_per_req'], 1)} | {_cell(gw, 1) if gw else '-'} "
+                f"| {_cell(ngx, 1) if ngx else '-'} | {_num(e['cpu_cores']['median'], 2)} |"
+            )
+    return [
+        "",
+        "CPU µs per request by process (medians, min-max): total = every process of the "
+        "configuration; gateway = the gateway's own; nginx = the nginx in front of it (or the "
+        "plain nginx proxy)",
+        "",
+        "| case | config | pinned CPUs | req/s | total CPU µs/req | gateway CPU µs/req "
+        "| nginx CPU µs/req | cores |",
+        "|---|---|---|--:|--:|--:|--:|--:|",
+        *rows,
+    ]
 
 
 def write(doc: dict[str, Any], out: Path) -> tuple[Path, Path]:

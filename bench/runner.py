@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import fleet, measure, nginx, report, wrk
+from bench import decision, fleet, measure, nginx, report, wrk
 from bench.procs import (
     BenchError,
     Child,
@@ -57,8 +58,8 @@ AfterRun = Callable[[str, "report.Run", wrk.WrkResult, dict[str, str]], None]
 
 MAIN_CONFIGS = ("direct", "nginx", "bare", "client", "gateway", "gateway-w2")
 FLEET_CONFIGS = ("gateway", "gateway-shared")  # the hot case of the fleet scenario
-ALL_CONFIGS = (*MAIN_CONFIGS, "gateway-shared")
-SCENARIOS = ("hot", "warm", "cold", "large", "bodies")  # the default set
+ALL_CONFIGS = (*MAIN_CONFIGS, "gateway-shared", "decision")
+SCENARIOS = ("hot", "warm", "cold", "large", "bodies", "decision")  # the default set
 ALL_SCENARIOS = (*SCENARIOS, "fleet")  # fleet (issue 11) needs redis-server: on request
 
 
@@ -89,6 +90,15 @@ class Target:
     path: str | None = None  # replaces the case's path (the emulator reference)
     script: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Every process tree the configuration is charged for, by role, when it is more than
+    # `child` (decision: the nginx in front and the gateway it asks); empty = `child` alone.
+    parts: dict[str, Child] = field(default_factory=dict)
+    # Decisions the gateway counted so far (decision: its gateway_decisions_total), read
+    # before and after each run.
+    decisions: Callable[[], int] | None = None
+
+    def charged(self) -> dict[str, Child]:
+        return self.parts or {self.name: self.child}
 
 
 def _parse_args(argv: Sequence[str] | None) -> Options:
@@ -296,8 +306,15 @@ class Bench:
 
     # ------------------------------------------------------------------ configurations
     def gateway_yaml(
-        self, port: int, admin: int, max_entries: int = 100_000, redis_url: str | None = None
+        self,
+        port: int,
+        admin: int,
+        max_entries: int = 100_000,
+        redis_url: str | None = None,
+        decision: bool = False,
     ) -> Path:
+        """The gateway's config; `decision`: decision mode (the decision scenario), answering
+        the nginx in front on loopback, its one route without an upstream."""
         path = self.workdir / f"gateway-{port}.yaml"
         shared = (
             f"""\
@@ -307,6 +324,18 @@ shared:  # the fleet scenario's gateway-shared: verdicts also in Redis, one budg
 """
             if redis_url
             else ""
+        )
+        decision_mode = (
+            f"""\
+trusted_proxies: ["127.0.0.1/32"]  # the nginx in front
+decision:
+  path: {nginx.DECISION_PATH}
+"""
+            if decision
+            else ""
+        )
+        route_upstream = (
+            "" if decision else f'    upstream: "http://127.0.0.1:{self.upstream_port}"\n'
         )
         path.write_text(
             f"""\
@@ -325,11 +354,10 @@ authlete:
 cache:
   ttl: 600
   max_entries: {max_entries}
-routes:
+{decision_mode}routes:
   - name: bench
     path_prefix: /
-    upstream: "http://127.0.0.1:{self.upstream_port}"
-    scopes: [{SCOPE}]
+{route_upstream}    scopes: [{SCOPE}]
 {shared}"""
         )
         return path
@@ -349,6 +377,22 @@ routes:
             for name in names:
                 if name == "direct":
                     targets[name] = Target(name, self.upstream_port, self.upstream)
+                    continue
+                if name == "decision":
+                    front, gateway, port = decision.start(self, started, HOT_TOKEN)
+                    admin = gateway.extra["admin"]
+                    assert isinstance(admin, int)
+                    targets[name] = Target(
+                        name,
+                        port,
+                        front,
+                        parts={"nginx": front, "gateway": gateway},
+                        decisions=functools.partial(decision.decisions_counted, admin),
+                    )
+                    self.pinning[decision.ROLE] = (
+                        f"nginx {measure.allowed_cpus(front.pid)} + gateway "
+                        f"{measure.allowed_cpus(gateway.pid)}"
+                    )
                     continue
                 child, port = self._start_proxy(name)
                 started.append(child)
@@ -433,10 +477,12 @@ routes:
         status, body = http_request(target.port, "GET", "/", headers=auth)
         if status != 200 or body.decode(errors="replace") != nginx.SMALL_BODY:
             raise BenchError(f"{target.name}: GET / answered {status} {body[:80]!r}")
-        if target.name.startswith("gateway"):
+        if target.name.startswith("gateway") or target.name == "decision":
             status, _ = http_request(target.port, "GET", "/")
             if status != 401:
                 raise BenchError(f"{target.name}: GET / without a token answered {status}")
+        if target.name == "decision":
+            decision.sanity(target.port, target.parts["gateway"], HOT_TOKEN, SCOPE)
 
     def sanity_bodies(self, target: Target) -> None:
         auth = {"Authorization": f"Bearer {HOT_TOKEN}"}
@@ -546,10 +592,15 @@ routes:
         self, t: Target, path: str, script: str, connections: int, env: dict[str, str]
     ) -> tuple[report.Run, wrk.WrkResult]:
         self.emu("/_emulator/reset", {})
-        ours = {t.child.pid, self.upstream.pid, self.emulator.pid}
+        charged = t.charged()
+        roots = {c.pid for c in charged.values()}
+        ours = roots | {self.upstream.pid, self.emulator.pid}
         before = {pid: measure.cpu_seconds(pid) for pid in ours}
-        tree_before = measure.cpu_seconds_by_pid(t.child.pid)
+        tree_before = _trees_cpu(roots)
         self_before = _own_cpu()
+        decisions0 = t.decisions() if t.decisions else 0
+        gateway = t.parts.get("gateway") or (t.child if t.name.startswith("gateway") else None)
+        split0 = decision.user_system_seconds(gateway.pid) if gateway else (0.0, 0.0)
         busy0, steal0 = measure.system_cpu()
         wall0 = time.monotonic()
         result = wrk.run(
@@ -564,17 +615,20 @@ routes:
         busy1, steal1 = measure.system_cpu()
         wall = time.monotonic() - wall0
         after = {pid: measure.cpu_seconds(pid) for pid in ours}
-        tree_after = measure.cpu_seconds_by_pid(t.child.pid)
+        tree_after = _trees_cpu(roots)
+        split1 = decision.user_system_seconds(gateway.pid) if gateway else (0.0, 0.0)
         self_after = _own_cpu()  # this process and its reaped children: wrk, taskset
         delta = {pid: after[pid] - before[pid] for pid in ours}
         other = (busy1 - busy0) - sum(delta.values()) - (self_after - self_before)
         time.sleep(0.25)  # let introspections of the last in-flight requests land
+        decisions = t.decisions() - decisions0 if t.decisions else None
         stats = self.emu("/_emulator/stats")
         if not t.child.alive():
             raise BenchError(f"{t.name} died during the run; log {t.child.log}")
         n = max(result.requests, 1)
         loaded = result.duration_s if result.duration_s > 0 else wall  # wrk's own clock
         lat = result.latency_us
+        server = sum(delta[pid] for pid in roots)
         run: report.Run = {
             "rps": result.rps,
             "requests": result.requests,
@@ -584,12 +638,12 @@ routes:
             "p999_ms": lat["p999"] / 1000,
             "mean_ms": lat["mean"] / 1000,
             "max_ms": lat["max"] / 1000,
-            "cpu_us_per_req": delta[t.child.pid] * 1e6 / n,
+            "cpu_us_per_req": server * 1e6 / n,
             # The server tree's CPU seconds per second of load (wrk's duration; the delta
             # also spans wrk's start-up, when the server idles), and the requests it served
             # per CPU second (= 1e6 / CPU µs per request; the workers target uses it).
-            "cpu_cores": delta[t.child.pid] / loaded,
-            "req_per_cpu_s": result.requests / delta[t.child.pid] if delta[t.child.pid] else 0.0,
+            "cpu_cores": server / loaded,
+            "req_per_cpu_s": result.requests / server if server else 0.0,
             # Per process of the server tree (supervisor and workers), busiest first.
             "cpu_cores_by_process": sorted(
                 (
@@ -601,17 +655,33 @@ routes:
             ),
             "upstream_cpu_us_per_req": delta[self.upstream.pid] * 1e6 / n,
             "emulator_cpu_us_per_req": delta[self.emulator.pid] * 1e6 / n,
-            "peak_rss_mib": measure.peak_rss_bytes(t.child.pid) / 2**20,
+            "peak_rss_mib": sum(measure.peak_rss_bytes(pid) for pid in roots) / 2**20,
             "errors": result.socket_errors,
             "non_2xx": result.non_2xx,
             "authlete_calls": int(stats["calls"]),
             "distinct_tokens_called": int(stats["distinct_tokens_called"]),
             "max_calls_per_token": int(stats["max_calls_per_token"]),
             "tokens_sent": sum(result.sent_by_thread),
-            "pinned_cpus": measure.allowed_cpus(t.child.pid),
+            "pinned_cpus": (
+                " + ".join(f"{role} {measure.allowed_cpus(c.pid)}" for role, c in charged.items())
+                if t.parts
+                else measure.allowed_cpus(t.child.pid)
+            ),
             "other_cpu_cores": max(other, 0.0) / wall,
             "steal_cores": (steal1 - steal0) / wall,
         }
+        if decisions is not None:
+            run["decisions"] = decisions
+            run["decisions_per_req"] = decisions / n
+        if t.parts:  # each part's share of the configuration's CPU (decision: nginx, gateway)
+            run["cpu_parts_us_per_req"] = {
+                role: delta[c.pid] * 1e6 / n for role, c in charged.items()
+            }
+        if gateway is not None:  # the gateway's own CPU, whatever else the request used
+            run["gateway_cpu_us_per_req"] = delta[gateway.pid] * 1e6 / n
+            # ... between the interpreter (user) and the kernel (system: loopback I/O)
+            run["gateway_user_us_per_req"] = (split1[0] - split0[0]) * 1e6 / n
+            run["gateway_system_us_per_req"] = (split1[1] - split0[1]) * 1e6 / n
         return run, result
 
     # ------------------------------------------------------------------ scenarios
@@ -984,6 +1054,11 @@ routes:
         doc["targets"] = fleet.targets(doc)
         self.fleet_doc = doc
 
+    def scenario_decision(self) -> None:
+        """Issue 13: nginx `auth_request` asking the gateway in decision mode, against the
+        gateway as the proxy, on the same core (bench/decision.py)."""
+        decision.scenario(self)
+
     # ------------------------------------------------------------------ report
     def document(self, started: dt.datetime, elapsed: float) -> dict[str, Any]:
         results = report.aggregate(self.runs)
@@ -1022,6 +1097,13 @@ routes:
             "scenarios": results,
             **({"fleet": self.fleet_doc} if self.fleet_doc else {}),
         }
+
+
+def _trees_cpu(roots: set[int]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for root in roots:
+        out.update(measure.cpu_seconds_by_pid(root))
+    return out
 
 
 _PREFILL_MARK = "PREFILL_JSON "

@@ -41,6 +41,9 @@ _READ = frozenset(
 )
 
 
+DESCRIPTION_HEADERS = _READ  # what a decision request's header scan collects
+TWICE = b""  # in a collected description: the spelling of a header given twice
+
 # Header spelling -> the folded name when it is one of `_READ`, else None: decided once per
 # spelling (a bounded number of them), as the header policy does.
 _KEYS: dict[bytes, bytes | None] = {}
@@ -80,7 +83,22 @@ def describe(
             if key in found:
                 return f"{name.decode('latin-1')} is given twice"
             found[key] = value.strip(b" \t")
+    return describe_found(found, own_method, own_host, suffix)
 
+
+def describe_found(
+    found: dict[bytes, bytes] | None,
+    own_method: bytes,
+    own_host: bytes | None,
+    suffix: bytes | None,
+) -> Original | str:
+    """`describe` over the description headers already collected (lower-case name ->
+    value, each given once; `TWICE` -> the spelling of one given twice), as the header
+    scan of a decision request collects them."""
+    if found is None:
+        found = {}
+    elif TWICE in found:
+        return f"{found[TWICE].decode('latin-1')} is given twice"
     url = found.get(_URL)
     url_host: bytes | None = None
     targets: list[bytes] = []

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from gateway.config import HeadersConfig, IPNetwork, Upstream
 from gateway.http import HOP_BY_HOP, fold
+from gateway.ingress import DESCRIPTION_HEADERS, TWICE
 from gateway.routing import host_name
 from gateway.verdict import Active
 
@@ -30,6 +31,7 @@ _X_FORWARDED_PROTO = 10  # believed from trusted proxies only
 _X_FORWARDED_HOST = 11
 _ORIGIN = 12  # passed on unchanged, and read for CORS
 _TRACEPARENT = 13  # passed on (when the lists let it), and read for the trace id
+_DESCRIPTION = 14  # a decision request's description of the original request (gateway.ingress)
 
 _SPECIAL = {
     "host": _HOST,
@@ -45,7 +47,11 @@ _SPECIAL = {
     "origin": _ORIGIN,
 }
 # A decision request keeps nothing; of the rest it reads only the trace context's id.
-_DECISION_KINDS = {**_SPECIAL, "traceparent": _TRACEPARENT}
+_DECISION_KINDS = {
+    **_SPECIAL,
+    "traceparent": _TRACEPARENT,
+    **{name.decode(): _DESCRIPTION for name in DESCRIPTION_HEADERS},
+}
 # Headers that upstream frameworks, servers and auth proxies read as facts about the client
 # (who it is, where it connects from, scheme, host, path) or as its method. Names are folded
 # (lower case, `_` read as `-`); an entry ending in `*` is a prefix. Documented in the README
@@ -181,6 +187,7 @@ class Inbound:
         "authorization",
         "connection",
         "content_length",
+        "description",
         "expect",
         "forwarded_host",
         "forwarded_proto",
@@ -210,6 +217,8 @@ class Inbound:
         self.forwarded_host: bytes | None = None
         self.origin: bytes | None = None  # the first Origin header (CORS)
         self.traceparent: list[bytes] | None = None  # W3C trace context (gateway.tracing)
+        # A decision request's description headers (gateway.ingress.describe_found)
+        self.description: dict[bytes, bytes] | None = None
 
 
 class HeaderPolicy:
@@ -380,6 +389,15 @@ class HeaderPolicy:
                 if inbound.traceparent is None:
                     inbound.traceparent = []
                 inbound.traceparent.append(value)
+            elif kind == _DESCRIPTION:
+                found = inbound.description
+                if found is None:
+                    found = inbound.description = {}
+                key = name.lower()
+                if key in found:
+                    found[TWICE] = name
+                else:
+                    found[key] = value.strip(b" \t")
                 kept += (name, _SEP, value, _CRLF)
         if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)

@@ -25,7 +25,7 @@ from gateway.config import LimitsConfig
 from gateway.cors import answer_headers, preflight, preflight_request, relay
 from gateway.decision import BAD_GATEWAY, GATEWAY_TIMEOUT, NOT_FOUND, Denial, denial
 from gateway.http import IDEMPOTENT, READ_BUFFER, closing_answer, date_line, status_line
-from gateway.ingress import describe
+from gateway.ingress import describe_found
 from gateway.introspection import IntrospectionError
 from gateway.logs import AccessLog, RequestIds
 from gateway.memory import release
@@ -1733,8 +1733,8 @@ class DecisionExchange(Exchange):
         path = plan.decision_path
         assert path is not None
         rest = self.raw_target[len(path) :]
-        original = describe(
-            self.headers, self.method, inbound.host, rest if rest[:1] == b"/" else None
+        original = describe_found(
+            inbound.description, self.method, inbound.host, rest if rest[:1] == b"/" else None
         )
         if isinstance(original, str):
             self.deny(unclear(original))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("hot", "warm", "cold", "large", "bodies")
+SCENARIOS = ("hot", "warm", "cold", "large", "bodies", "decision")
 REQUIRED = (
     "rps",
     "p50_ms",
@@ -37,6 +37,8 @@ TARGET_IDS = (
     "large-bytes",
     "cold-calls",
     "streaming",
+    "decision-gateway-cpu",
+    "decision-rps",
 )
 
 
@@ -103,6 +105,34 @@ def test_main_configurations_ran(bench_run: tuple[Path, str]) -> None:
     assert hot["gateway"]["vs"].keys() == {"direct", "nginx", "bare", "client"}
     assert set(doc["scenarios"]["hot"]["halves"]) == {"c64", "c1"}
     assert doc["pinning"]
+
+
+def test_decision_configuration(bench_run: tuple[Path, str]) -> None:
+    """Issue 13: nginx auth_request + the gateway in decision mode against the gateway as the
+    proxy, with the CPU of each process reported (no numbers asserted)."""
+    out, _ = bench_run
+    doc = _report(out)
+    cases = doc["scenarios"]["decision"]["cases"]
+    assert {"nginx", "gateway", "decision"} <= set(cases["c64"]["configs"])
+    assert {"direct", "nginx", "gateway", "decision"} <= set(cases["c1"]["configs"])
+    for case in cases.values():
+        configs = case["configs"]
+        pair, alone = configs["decision"], configs["gateway"]
+        assert set(pair["cpu_parts_us_per_req"]) == {"nginx", "gateway"}
+        for key in ("cpu_us_per_req", "gateway_cpu_us_per_req"):
+            assert set(pair[key]) == {"median", "min", "max"}, key
+            assert set(alone[key]) == {"median", "min", "max"}, key
+        assert "cpu_parts_us_per_req" not in alone
+        assert "gateway_cpu_us_per_req" not in configs["nginx"]
+        for run in pair["runs"]:
+            parts = run["cpu_parts_us_per_req"]
+            assert abs(sum(parts.values()) - run["cpu_us_per_req"]) < 1e-6, run
+            assert run["gateway_cpu_us_per_req"] == parts["gateway"]
+            assert run["decisions"] > 0  # nginx asked the gateway
+            assert run["authlete_calls"] == 0  # the hot cache
+    assert doc["pinning"]["decision: nginx auth_request + gateway (decision mode)"]
+    text = (out / "report.md").read_text()
+    assert "| total CPU µs/req | gateway CPU µs/req | nginx CPU µs/req |" in text
 
 
 def test_targets_have_a_verdict(bench_run: tuple[Path, str]) -> None:
