@@ -389,7 +389,8 @@ class HeaderPolicy:
                 if inbound.traceparent is None:
                     inbound.traceparent = []
                 inbound.traceparent.append(value)
-            elif kind == _DESCRIPTION:
+                kept += (name, _SEP, value, _CRLF)
+            elif kind == _DESCRIPTION:  # decision requests only: never forwarded
                 found = inbound.description
                 if found is None:
                     found = inbound.description = {}
@@ -398,7 +399,6 @@ class HeaderPolicy:
                     found[TWICE] = name
                 else:
                     found[key] = value.strip(b" \t")
-                kept += (name, _SEP, value, _CRLF)
         if inbound.connection is not None:
             _drop_listed(kept, inbound.connection, 0)
         return inbound

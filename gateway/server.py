@@ -270,7 +270,8 @@ class Listener:
         duration = time.perf_counter() - ex.started
         route = ex.route
         name = route.name if route is not None else NO_ROUTE
-        if ex.decision:
+        decision = ex.decision
+        if decision:
             self.metrics.count_decision(name, ex.method_name, ex.status)
             if route is not None:
                 route.decision_duration.observe(duration)
@@ -308,19 +309,21 @@ class Listener:
             subject = "null" if identity.subject is None else _json_str(identity.subject)
         # The trace id the upstream sees: the request's valid traceparent's, or the one the
         # gateway started (tracing); 32 hex digits when not null.
-        if trace is not None:
-            trace_id = trace.trace_id
-        elif ex.inbound.traceparent is None:
-            trace_id = None  # the common case: no trace context came
+        if trace is None and ex.inbound.traceparent is None:
+            trace_field = "null"  # the common case: no trace context came, none started
         else:
-            trace_id = trace_id_of(ex.inbound.traceparent)
-        trace_field = "null" if trace_id is None else '"' + trace_id + '"'
-        access_log.write(
-            f'{{"request_id":"{ex.request_id}",{_DECISION_FIELD if ex.decision else ""}'
+            trace_id = trace.trace_id if trace is not None else trace_id_of(ex.inbound.traceparent)
+            trace_field = "null" if trace_id is None else '"' + trace_id + '"'
+        # Two f-strings: CPython builds one of more than 30 parts with a list and str.join,
+        # which costs more than the concatenation of two built on the stack.
+        head = (
+            f'{{"request_id":"{ex.request_id}",{_DECISION_FIELD if decision else ""}'
             f'"remote":"{ex.conn.peer}",'
             f'"route":"{name}","method":"{ex.method_name}","path":{path},'
             f'"status":{ex.status},"duration":{duration:.6f},"upstream_duration":{upstream},'
-            f'"cache":{cache},"client_id":{client_id},"subject":{subject},'
+        )
+        access_log.write(
+            head + f'"cache":{cache},"client_id":{client_id},"subject":{subject},'
             f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"trace_id":{trace_field},'
             f'"time":{time.time():.6f}}}'
         )
@@ -967,85 +970,46 @@ class Exchange:
 
     # ------------------------------------------------------------------ the pipeline
     def begin(self) -> None:
-        """Route, token, verdict, decision: synchronously unless the verdict is a miss."""
+        """Route, token, verdict, decision: synchronously unless the verdict is a miss.
+
+        One method for proxied and decision requests, the hot path written out inline:
+        admission (request id, trace, Host, framing), then the route (`_routed`, or a
+        decision request's `_described`), then the token."""
         if self.local is not None:  # a refusal queued behind earlier requests
             self.conn.out.append(self.local)
             self.response_done = True
             self.conn.answered(self)
             return
         listener = self.conn.listener
-        plan = self.plan
-        inbound = self.inbound
-        if not self._admit(forwarded=True):
-            return
-        if self.raw_target == b"*" and self.method == b"OPTIONS":
-            self._server_options()
-            return
-        server_name = self.conn.server_name  # TLS only
-        if (
-            server_name is not None
-            and plan.host_routes
-            and misdirected(plan, server_name, inbound.host)
-        ):
-            self.deny(MISDIRECTED)
-            return
-        if inbound.origin is not None and self.method == b"OPTIONS" and self._preflight():
-            return
-        routed = route_request(plan, self.method, self.raw_target, inbound.host)
-        if isinstance(routed, Denial):
-            self.deny(routed)
-            return
-        route = self.route = routed.route
-        self.path = routed.path
-        self.target = routed.target
-        if self.has_body and route.request_buffering != "off":
-            # "auto" holds only what fits in memory: a body declared larger streams at once.
-            length = inbound.content_length
-            self.buffering = (
-                route.request_buffering == "on"
-                or length is None
-                or int(length) <= listener.limits.request_buffer_memory_bytes
-            )
-        if route.max_body_bytes and inbound.content_length is not None:
-            refused = check_framing(inbound, self.http11, route.max_body_bytes)
-            if refused is not None:
-                self.refuse(refused)
-                return
-        self.check_token(routed)
-
-    def _admit(self, forwarded: bool) -> bool:
-        """The request id, the trace, and the refusals owed to any request whatever its
-        target (Host, framing). False: refused. `forwarded`: the request may go upstream
-        (a decision request never does: no trace is started for it)."""
-        listener = self.conn.listener
         inbound = self.inbound
         rid = inbound.request_id
         self.request_id = listener.request_ids.take(
             rid.decode("latin-1") if rid is not None else None
         )
+        decision = self.decision
         tracing = listener.tracing
         if tracing is not None:
-            self.trace = tracing.begin(self, forwarded)
+            # A decision request is never forwarded: no trace is started for it.
+            self.trace = tracing.begin(self, not decision)
         if inbound.host_count != 1 and (self.http11 or inbound.host_count > 1):
             self.refuse(BAD_HOST)
-            return False
+            return
         if inbound.transfer_encoding is not None:
             refused = check_framing(inbound, self.http11, 0)
             if refused is not None:
                 self.refuse(refused)
-                return False
-        return True
-
-    def check_token(self, routed: Routed) -> None:
-        """The route's auth: forward (or allow) at once, deny, or await the verdict."""
+                return
+        routed = self._described() if decision else self._routed()
+        if routed is None:
+            return  # answered
         if not routed.route.auth_required:
             self.forward(routed, None)
             return
-        token = token_of(self.plan, self.inbound)
+        token = token_of(self.plan, inbound)
         if isinstance(token, Denial):
             self.deny(token)
             return
-        found = lookup(self.conn.listener.verdicts, token)
+        found = lookup(listener.verdicts, token)
         if isinstance(found, Miss):
             self.cache = "miss"
             waiting = self._await_verdict(routed, found)
@@ -1057,6 +1021,49 @@ class Exchange:
             return
         verdict, self.cache = found
         self.decide(routed, verdict)
+
+    def _routed(self) -> Routed | None:
+        """Where a proxied request goes, with its body limits; None: answered here."""
+        plan = self.plan
+        inbound = self.inbound
+        if self.raw_target == b"*" and self.method == b"OPTIONS":
+            self._server_options()
+            return None
+        server_name = self.conn.server_name  # TLS only
+        if (
+            server_name is not None
+            and plan.host_routes
+            and misdirected(plan, server_name, inbound.host)
+        ):
+            self.deny(MISDIRECTED)
+            return None
+        if inbound.origin is not None and self.method == b"OPTIONS" and self._preflight():
+            return None
+        routed = route_request(plan, self.method, self.raw_target, inbound.host)
+        if isinstance(routed, Denial):
+            self.deny(routed)
+            return None
+        route = self.route = routed.route
+        self.path = routed.path
+        self.target = routed.target
+        if self.has_body and route.request_buffering != "off":
+            # "auto" holds only what fits in memory: a body declared larger streams at once.
+            length = inbound.content_length
+            self.buffering = (
+                route.request_buffering == "on"
+                or length is None
+                or int(length) <= self.conn.listener.limits.request_buffer_memory_bytes
+            )
+        if route.max_body_bytes and inbound.content_length is not None:
+            refused = check_framing(inbound, self.http11, route.max_body_bytes)
+            if refused is not None:
+                self.refuse(refused)
+                return None
+        return routed
+
+    def _described(self) -> Routed | None:
+        """A decision request's route (DecisionExchange)."""
+        raise NotImplementedError
 
     async def _await_verdict(self, routed: Routed, miss: Miss) -> None:
         conn = self.conn
@@ -1710,18 +1717,14 @@ class DecisionExchange(Exchange):
         self.stray = stray  # not at the decision path, on the decision listener: 404
         self.buffering = False
 
-    def begin(self) -> None:
-        if self.local is not None:
-            super().begin()  # a refusal queued behind earlier requests
-            return
+    def _described(self) -> Routed | None:
+        """The route of the request the ingress describes; None: answered here."""
         conn = self.conn
         plan = self.plan
         inbound = self.inbound
-        if not self._admit(forwarded=False):
-            return
         if self.stray:
             self.deny(NOT_FOUND)
-            return
+            return None
         if not conn.trusted:
             log.warning(
                 "decision request from %s refused: the peer is not in trusted_proxies",
@@ -1729,7 +1732,7 @@ class DecisionExchange(Exchange):
                 extra={"request_id": self.request_id},
             )
             self.deny(UNTRUSTED)
-            return
+            return None
         path = plan.decision_path
         assert path is not None
         rest = self.raw_target[len(path) :]
@@ -1738,22 +1741,22 @@ class DecisionExchange(Exchange):
         )
         if isinstance(original, str):
             self.deny(unclear(original))
-            return
+            return None
         self.method_name = conn.listener.method_name(original.method)
         self.raw_target = original.target  # what the access line shows
         routed = route_request(plan, original.method, original.target, original.host, True)
         if isinstance(routed, Denial):
             self.deny(routed)
-            return
+            return None
         if routed.path.encode("latin-1") != original.target.partition(b"?")[0]:
             # The ingress forwards the target as the client sent it, not as normalised here:
             # `/orders/../public` would be checked as /public, and an upstream routing on the
             # raw path could serve /orders. Only a target already in normal form is decided.
             self.deny(NOT_NORMAL)
-            return
+            return None
         self.route = routed.route
         self.path = routed.path
-        self.check_token(routed)
+        return routed
 
     def forward(self, routed: Routed, identity: Active | None) -> None:
         """Allowed: 200, the identity headers, no body; the ingress forwards the request."""
