@@ -5,7 +5,6 @@ rather than in the benchmark. (The scenario itself runs in tests/test_bench_smok
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,13 +12,7 @@ import pytest
 
 from bench import nginx
 from bench.procs import BenchError
-
-
-def _nginx() -> str | None:
-    found = shutil.which("nginx")
-    if found is None and Path("/usr/sbin/nginx").exists():
-        return "/usr/sbin/nginx"
-    return found
+from tests.conftest import need_tool
 
 
 def test_the_shipped_example_with_the_benchmark_ports(tmp_path: Path) -> None:
@@ -36,9 +29,7 @@ def test_the_shipped_example_with_the_benchmark_ports(tmp_path: Path) -> None:
     assert conf.count(f"keepalive {nginx.POOL};") == 2
     directives = "\n".join(x for x in conf.splitlines() if not x.lstrip().startswith("#"))
     assert "gateway:8080" not in directives and "app:8000" not in directives
-    binary = _nginx()
-    if binary is None:
-        pytest.skip("nginx not installed (apt-get install nginx)")
+    binary = need_tool("nginx")  # fails under CI, which installs it
     argv = nginx.nginx_argv(binary, tmp_path, "decision", conf)
     done = subprocess.run([*argv, "-t"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import load_config
 from gateway.emulator import Emulator
 from gateway.workers import Gauges, GroupMetrics, Supervisor
-from tests.conftest import StartGateway, free_port, raw_config
+from tests.certs import self_signed
+from tests.conftest import StartGateway, free_port, need_tool, raw_config
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -334,18 +334,8 @@ def _garbage_tls(tmp_path: Path) -> dict[str, str]:
 
 
 def _self_signed(tmp_path: Path) -> dict[str, str]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    cert, key_file = tmp_path / "good.pem", tmp_path / "good.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-subj", "/CN=localhost", "-days", "1",
-         "-keyout", str(key_file), "-out", str(cert)],
-        capture_output=True,
-        check=True,
-    )  # fmt: skip
-    return {"cert_file": str(cert), "key_file": str(key_file)}
+    pair = self_signed(tmp_path, "good", san="DNS:localhost")
+    return {"cert_file": str(pair.cert), "key_file": str(pair.key)}
 
 
 def _reload_counts(supervisor: Supervisor) -> tuple[float, float]:
@@ -417,11 +407,7 @@ PROCESS_FAMILIES = (
 
 
 def promtool_check(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is required under CI")
-        pytest.skip("promtool (Debian prometheus) is not installed")
+    promtool = need_tool("promtool")
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text.encode(), capture_output=True, check=False
     )
